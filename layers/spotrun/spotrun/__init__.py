@@ -1,0 +1,1 @@
+"""spotrun control plane: the library shared by every Lambda function."""
