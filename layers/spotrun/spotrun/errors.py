@@ -33,3 +33,33 @@ ERROR_NAMES = tuple(
     cls.__name__
     for cls in (CapacityUnavailable, SpotInterrupted, InstanceLost, TrainerFailed, JobInvalid)
 )
+
+
+class SpecError(JobInvalid):
+    """A job spec failed validation; ``errors`` names each bad field and why.
+
+    Each entry is ``{"field": "checkpoint.keep", "reason": "..."}``; ``"$"`` is the
+    body as a whole (not JSON, too large, not an object). A subclass of
+    ``Job.Invalid`` so code that catches the state machine's name catches it too.
+    """
+
+    def __init__(self, errors: list[dict[str, str]]) -> None:
+        self.errors = list(errors)
+        super().__init__("; ".join(f"{e['field']}: {e['reason']}" for e in self.errors))
+
+
+class JobNotFoundError(SpotrunError):
+    """No job record has this job id."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"job {job_id} not found")
+
+
+class JobConflictError(SpotrunError):
+    """A conditional write on a job record failed: the record is not in the expected state."""
+
+    def __init__(self, job_id: str, message: str, *, status: str | None = None) -> None:
+        self.job_id = job_id
+        self.status = status
+        super().__init__(f"job {job_id}: {message}")

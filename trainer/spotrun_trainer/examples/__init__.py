@@ -1,0 +1,1 @@
+"""Example training jobs that use the session API."""
