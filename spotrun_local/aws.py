@@ -38,6 +38,7 @@ class MotoServer:
 
     port: int = 0
     _server: object | None = field(default=None, repr=False)
+    _previous_port: str | None = field(default=None, repr=False)
 
     @property
     def endpoint(self) -> str:
@@ -54,6 +55,7 @@ class MotoServer:
         self.port = server.get_host_and_port()[1]
         # moto's Step Functions interpreter builds its own clients for
         # http://localhost:$MOTO_PORT, so the port must be in this process's env.
+        self._previous_port = os.environ.get("MOTO_PORT")
         os.environ["MOTO_PORT"] = str(self.port)
         self._post("/moto-api/reset", {})
         self._post("/moto-api/config", MOTO_CONFIG)
@@ -64,6 +66,10 @@ class MotoServer:
             self._post("/moto-api/reset", {})
             self._server.stop()  # type: ignore[attr-defined]
             self._server = None
+            if self._previous_port is None:
+                os.environ.pop("MOTO_PORT", None)
+            else:
+                os.environ["MOTO_PORT"] = self._previous_port
 
     def _post(self, path: str, body: dict) -> None:
         request = urllib.request.Request(

@@ -141,6 +141,20 @@ class LocalCloud:
         self.s3 = self.aws.client("s3")
         self.ec2 = self.aws.client("ec2")
         self.sfn = self.aws.client("stepfunctions")
+        self._stoppers.append(self._abort_executions)
+
+    def _abort_executions(self) -> None:
+        """Stop what still runs in moto's interpreter before the rest goes away.
+
+        Its threads live in this process: left running, a Wait or Retry of this
+        cloud's execution would wake up later and call the next cloud's functions.
+        """
+        for machine in self.stack.state_machines.values():
+            running = self.sfn.list_executions(stateMachineArn=machine, statusFilter="RUNNING")
+            for execution in running["executions"]:
+                self.sfn.stop_execution(
+                    executionArn=execution["executionArn"], cause="the local cloud is stopping"
+                )
 
     def stop(self) -> None:
         """Stop everything, in reverse order; safe to call twice."""

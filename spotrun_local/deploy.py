@@ -202,7 +202,7 @@ def _name_resources(stack: Stack) -> None:
     Names and ARNs are deterministic, so a property may refer to a resource
     created later (the state machine to a function, a function to the machine).
     """
-    resolver, arn = stack.resolver, _ArnMaker()
+    resolver = stack.resolver
     for logical_id, resource in (stack.template.get("Resources") or {}).items():
         kind = resource.get("Type", "")
         properties = resource.get("Properties") or {}
@@ -216,9 +216,9 @@ def _name_resources(stack: Stack) -> None:
         if kind == "AWS::Serverless::Function":
             function_name = name("FunctionName", default[:64])
             ids[logical_id] = function_name
-            attrs[f"{logical_id}.Arn"] = arn.make("lambda", f"function:{function_name}")
+            attrs[f"{logical_id}.Arn"] = _arn("lambda", f"function:{function_name}")
         elif kind in ("AWS::Serverless::LayerVersion", "AWS::Lambda::LayerVersion"):
-            ids[logical_id] = arn.make("lambda", f"layer:{name('LayerName')}:1")
+            ids[logical_id] = _arn("lambda", f"layer:{name('LayerName')}:1")
         elif kind == "AWS::S3::Bucket":
             bucket = name("BucketName", f"{default}-{ACCOUNT_ID}".lower()[:63])
             ids[logical_id] = bucket
@@ -227,24 +227,24 @@ def _name_resources(stack: Stack) -> None:
         elif kind in ("AWS::DynamoDB::Table", "AWS::Serverless::SimpleTable"):
             table = name("TableName")
             ids[logical_id] = table
-            attrs[f"{logical_id}.Arn"] = arn.make("dynamodb", f"table/{table}")
+            attrs[f"{logical_id}.Arn"] = _arn("dynamodb", f"table/{table}")
         elif kind == "AWS::SNS::Topic":
             topic = name("TopicName")
-            ids[logical_id] = arn.make("sns", topic, sep="")
+            ids[logical_id] = _arn("sns", topic)
             attrs[f"{logical_id}.TopicName"] = topic
         elif kind == "AWS::SQS::Queue":
             queue = name("QueueName")
             ids[logical_id] = f"https://sqs.{REGION}.amazonaws.com/{ACCOUNT_ID}/{queue}"
-            attrs[f"{logical_id}.Arn"] = arn.make("sqs", queue, sep="")
+            attrs[f"{logical_id}.Arn"] = _arn("sqs", queue)
             attrs[f"{logical_id}.QueueName"] = queue
         elif kind in ("AWS::Serverless::StateMachine", "AWS::StepFunctions::StateMachine"):
             machine = name("Name", name("StateMachineName"))
-            ids[logical_id] = arn.make("states", f"stateMachine:{machine}")
+            ids[logical_id] = _arn("states", f"stateMachine:{machine}")
             attrs[f"{logical_id}.Name"] = machine
         elif kind == "AWS::Events::Rule":
             rule = name("Name")
             ids[logical_id] = rule
-            attrs[f"{logical_id}.Arn"] = arn.make("events", f"rule/{rule}")
+            attrs[f"{logical_id}.Arn"] = _arn("events", f"rule/{rule}")
         elif kind == "AWS::IAM::Role":
             role = name("RoleName")
             ids[logical_id] = role
@@ -261,15 +261,13 @@ def _name_resources(stack: Stack) -> None:
             attrs[f"{logical_id}.RootResourceId"] = secrets.token_hex(5)
         elif kind not in ("AWS::EC2::LaunchTemplate", "AWS::EC2::SecurityGroup"):
             ids[logical_id] = default  # e.g. a log group: nothing refers to more than a name
-            attrs.setdefault(f"{logical_id}.Arn", arn.make("local", default, sep=":"))
+            attrs.setdefault(f"{logical_id}.Arn", _arn("local", default))
     if _has_implicit_api(stack.template):
         resolver.physical_ids[_IMPLICIT_API] = secrets.token_hex(5)
 
 
-class _ArnMaker:
-    def make(self, service: str, resource: str, sep: str = "") -> str:
-        del sep  # the resource part already carries its own separator
-        return f"arn:aws:{service}:{REGION}:{ACCOUNT_ID}:{resource}"
+def _arn(service: str, resource: str) -> str:
+    return f"arn:aws:{service}:{REGION}:{ACCOUNT_ID}:{resource}"
 
 
 def _has_implicit_api(template: Mapping[str, Any]) -> bool:

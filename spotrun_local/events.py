@@ -18,6 +18,7 @@ import re
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,7 +80,7 @@ class EventRouter:
     aws: MotoServer
     pool: FunctionPool
     schedule_scale: float = 1.0  # a demo may run a rate(1 hour) sweeper every few seconds
-    deliveries: list[Delivery] = field(default_factory=list)
+    deliveries: deque[Delivery] = field(default_factory=lambda: deque(maxlen=10000))
     listeners: list[Callable[[str, dict], None]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)

@@ -79,6 +79,10 @@ def main() -> None:
                     reply = {"result": json.dumps(result)}
                 except (TypeError, ValueError) as error:
                     reply = {"error": _error(error, "Runtime.MarshalError")}
+        if "error" in reply:  # Lambda writes an unhandled error to the function's log too
+            error = reply["error"]
+            print(f"[ERROR] {error['errorType']}: {error['errorMessage']}", file=sys.stderr)
+            print("".join(error.get("stackTrace") or []), file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         replies.write(json.dumps(reply) + "\n")

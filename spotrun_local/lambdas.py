@@ -22,6 +22,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +129,8 @@ class FunctionPool:
     _all: list[_Worker] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _closed: bool = False
-    invocations: list[tuple[str, float]] = field(default_factory=list)
+    # (logical id, time) of recent invocations, for tests and the demo; bounded.
+    invocations: deque[tuple[str, float]] = field(default_factory=lambda: deque(maxlen=10000))
 
     def __post_init__(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -192,13 +194,21 @@ class FunctionPool:
         self.spec(name_or_arn)  # unknown function: fail now, in the caller
 
         def run() -> None:
+            result = None
             for delay in (0.0, *self.async_retry_delays):
                 if self._closed:
                     return
                 time.sleep(delay)
-                if self.invoke(name_or_arn, event).function_error is None:
+                result = self.invoke(name_or_arn, event)
+                if result.function_error is None:
                     return
-            log.warning("async invocation of %s failed after retries", name_or_arn)
+            error = result.json() if result else {}
+            log.warning(
+                "async invocation of %s failed after retries: %s: %s",
+                name_or_arn,
+                error.get("errorType"),
+                error.get("errorMessage"),
+            )
 
         threading.Thread(target=run, daemon=True, name=f"async-{name_or_arn[-30:]}").start()
 

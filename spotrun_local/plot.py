@@ -51,12 +51,14 @@ def plot_timeline(timeline: JobTimeline, path: Path, title: str) -> Path:
             fontsize=8,
             color="red",
         )
+    axes.plot([], [], color="red", linestyle="--", linewidth=1, label="notice (step reached)")
+    axes.plot([], [], color="grey", linestyle=":", linewidth=1, label="resumed from")
     axes.set_xlabel("step")
     axes.set_ylabel("training loss")
     axes.set_title(title)
     axes.grid(alpha=0.3)
     if attempts:
-        axes.legend(fontsize=8, loc="upper right")
+        axes.legend(fontsize=8, loc="lower left")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)

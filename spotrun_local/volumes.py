@@ -117,12 +117,3 @@ class VolumeFolders:
         snapshot = self._originals["delete_snapshot"](snapshot_id)
         shutil.rmtree(self.snapshot_dir(snapshot_id), ignore_errors=True)
         return snapshot
-
-    # -- datasets ------------------------------------------------------------------------
-
-    def existing_volumes(self) -> set[str]:
-        return (
-            {path.name for path in self.volume_root.iterdir()}
-            if self.volume_root.exists()
-            else set()
-        )

@@ -21,6 +21,7 @@ them, FINDINGS.md) with :meth:`Cloud.refuse_capacity`.
 from __future__ import annotations
 
 import json
+import queue
 import re
 import threading
 import time
@@ -97,7 +98,16 @@ class Cloud:
     bucket: str
     handlers: dict[str, tuple[Any, dict[str, str]]] = field(default_factory=dict)
     invocations: list[Invocation] = field(default_factory=list)
+    published: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # Tickets written by StartTrainerFunction, announced so the fake trainer need
+    # not poll S3 (it still reads each ticket from S3, as the bootstrap does).
+    ticket_listeners: list[queue.Queue] = field(default_factory=list)
     refused: set[tuple[str, str, str]] = field(default_factory=set)  # (market, subnet, type)
+
+    def reset(self) -> None:
+        """Forget what the previous test injected."""
+        self.refused.clear()
+        self.invocations.clear()
 
     # -- functions ------------------------------------------------------------
 
@@ -136,6 +146,9 @@ class Cloud:
             response["FunctionError"] = "Unhandled"
         invocation.seconds = time.monotonic() - started
         invocation.result = result
+        if logical_id == "StartTrainerFunction" and invocation.error is None:
+            for listener in list(self.ticket_listeners):
+                listener.put(result["ticket_uri"])
         raw = json.dumps(result).encode()
         response["Payload"] = StreamingBody(_Bytes(raw), len(raw))
         return AWSResponse("https://lambda.local", 200, {}, None), response
@@ -151,10 +164,7 @@ class Cloud:
                 self.refused.add((market, subnet, instance_type))
 
     def _on_create_fleet_params(self, params: dict[str, Any], context: dict, **_: Any) -> None:
-        context["spotrun_fleet_params"] = params
-
-    def _on_create_fleet(self, context: dict, **_: Any) -> Any:
-        params = context.get("spotrun_fleet_params") or {}
+        """Before serialization: drop refused overrides, remember their errors."""
         market = params["TargetCapacitySpecification"]["DefaultTargetCapacityType"]
         config = params["LaunchTemplateConfigs"][0]
         open_overrides, errors = [], []
@@ -174,12 +184,15 @@ class Cloud:
                 )
             else:
                 open_overrides.append(override)
+        # A real fleet skips refused pools itself; moto always takes the first override.
+        config["Overrides"] = open_overrides or config["Overrides"]
+        context["spotrun_refusals"] = errors if not open_overrides else []
+
+    def _on_create_fleet(self, context: dict, **_: Any) -> Any:
+        """Instead of the call: the response of a fleet that found no capacity at all."""
+        errors = context.get("spotrun_refusals")
         if not errors:
             return None  # let moto launch
-        if open_overrides:
-            # Real fleets skip the refused pools; moto takes the first override.
-            config["Overrides"] = open_overrides
-            return None
         parsed = {
             "FleetId": "fleet-00000000-0000-0000-0000-000000000000",
             "Errors": errors,
@@ -199,11 +212,15 @@ class Cloud:
     def create_job(self, name: str = "tiny-lm", **spec_fields: Any) -> str:
         """A SUBMITTED record with a validated spec (deployment defaults from the template)."""
         env = self.handler("RequestCapacityFunction")[1]
+        # The deployment's default subnets are the first two zones; the third is
+        # for single-AZ jobs (spec_fields may name it).
         spec = parse_spec(
             {"name": name, **spec_fields}, defaults=SpecDefaults.from_env(env), now=_now()
         )
         job_id = derived_job_id("test", name, str(time.monotonic_ns()))
-        self.store.create(JobRecord(job_id=job_id, status=JobStatus.SUBMITTED, spec=spec.to_record()))
+        self.store.create(
+            JobRecord(job_id=job_id, status=JobStatus.SUBMITTED, spec=spec.to_record())
+        )
         return job_id
 
     def start(self, job_id: str, *, heartbeat_timeout_seconds: int | None = None) -> str:
@@ -223,13 +240,11 @@ class Cloud:
             execution = self.sfn.describe_execution(executionArn=execution_arn)
             if execution["status"] != "RUNNING":
                 return execution
-            time.sleep(0.05)
+            time.sleep(0.1)
         raise AssertionError(f"{execution_arn} still running after {timeout}s")
 
     def history(self, execution_arn: str) -> list[dict[str, Any]]:
-        return self.sfn.get_execution_history(executionArn=execution_arn, maxResults=1000)[
-            "events"
-        ]
+        return self.sfn.get_execution_history(executionArn=execution_arn, maxResults=1000)["events"]
 
     def entered_states(self, execution_arn: str) -> list[str]:
         return [
@@ -238,9 +253,19 @@ class Cloud:
             if "stateEnteredEventDetails" in event
         ]
 
-    def notifications(self) -> list[dict[str, Any]]:
-        messages = self.sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10)
-        return [json.loads(json.loads(m["Body"])["Message"]) for m in messages.get("Messages", [])]
+    def notifications(self, job_id: str) -> list[dict[str, Any]]:
+        """Outcome messages published for ``job_id`` (read off the SQS subscriber)."""
+        while True:
+            messages = self.sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10)
+            if not messages.get("Messages"):
+                break
+            for message in messages["Messages"]:
+                body = json.loads(json.loads(message["Body"])["Message"])
+                self.published.setdefault(body["job_id"], []).append(body)
+                self.sqs.delete_message(
+                    QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"]
+                )
+        return self.published.get(job_id, [])
 
     def leftovers(self, job_id: str) -> dict[str, list[str]]:
         """Instances not terminated and volumes that still exist, of this job."""
@@ -358,7 +383,7 @@ def start_cloud(monkeypatch: pytest.MonkeyPatch, *, zones: tuple[str, ...]) -> C
         physical_ids=physical,
         attributes=attributes,
         parameters={
-            "Subnets": subnets,
+            "Subnets": subnets[:2],  # the third zone is for single-AZ jobs
             "TrainerImageUri": f"{ACCOUNT_ID}.dkr.ecr.{REGION}.amazonaws.com/spotrun-trainer:test",
             "DefaultInstanceTypes": "g5.xlarge,g6.xlarge",
             # Real backoff on AWS (30 s); zero here so the no-capacity paths take no time.
@@ -417,21 +442,36 @@ def _send_task_failure_with_cause(self: StepFunctionResponse) -> EmptyResult:
     return EmptyResult()
 
 
-def cloud_fixture(zones: tuple[str, ...]) -> Callable[..., Iterator[Cloud]]:
-    """A pytest fixture function giving a :class:`Cloud` with subnets in ``zones``."""
+FAKE_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SECURITY_TOKEN": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": REGION,
+    "AWS_REGION": REGION,
+}
 
-    def fixture(aws_credentials: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cloud]:
-        aws.reset()
+
+def cloud_session() -> Iterator[Cloud]:
+    """One deployment for a whole test module (generator for a module-scoped fixture).
+
+    Building it costs seconds (service models, the ASL parse, handler imports);
+    tests share it and stay apart by job id: every check is per job.
+    """
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for name, value in FAKE_CREDENTIALS.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.delenv("AWS_PROFILE", raising=False)
+        monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
         monkeypatch.setattr(
             StepFunctionResponse, "send_task_failure", _send_task_failure_with_cause
         )
+        aws.reset()
         with mock_aws(config=MOTO_CONFIG):
             # mock_aws resets boto3's default session; it must exist before the hook.
             boto3.setup_default_session(region_name=REGION)
-            yield start_cloud(monkeypatch, zones=zones)
+            yield start_cloud(monkeypatch, zones=("us-east-1a", "us-east-1b", "us-east-1c"))
         aws.reset()
-
-    return fixture
 
 
 # -- the fake trainer ------------------------------------------------------
@@ -481,31 +521,32 @@ class FakeTrainer(threading.Thread):
         self.errors: list[BaseException] = []
         self.on_ticket = on_ticket
         self._halt = threading.Event()
+        self._tickets: queue.Queue[str] = queue.Queue()
         self.s3 = boto3.client("s3", region_name=REGION)
         self.sfn = boto3.client("stepfunctions", region_name=REGION)
+
+    def start(self) -> None:
+        self.cloud.ticket_listeners.append(self._tickets)
+        super().start()
 
     def stop(self) -> None:
         self._halt.set()
         self.join(timeout=5)
+        self.cloud.ticket_listeners.remove(self._tickets)
 
     def run(self) -> None:
-        seen: set[str] = set()
         try:
             while not self._halt.is_set():
-                listing = self.s3.list_objects_v2(Bucket=self.cloud.bucket, Prefix="tickets/")
-                for item in sorted(listing.get("Contents", []), key=lambda o: o["LastModified"]):
-                    key = item["Key"]
-                    body = self.s3.get_object(Bucket=self.cloud.bucket, Key=key)["Body"].read()
-                    ticket = json.loads(body)
-                    if ticket["job_id"] != self.job_id:
-                        continue
-                    marker = f"{key}:{ticket['task_token']}"
-                    if marker in seen:
-                        continue
-                    seen.add(marker)
-                    self.tickets.append(ticket)
-                    self._answer(ticket)
-                time.sleep(0.02)
+                try:
+                    uri = self._tickets.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                bucket, _, key = uri.removeprefix("s3://").partition("/")
+                ticket = json.loads(self.s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+                if ticket["job_id"] != self.job_id:
+                    continue
+                self.tickets.append(ticket)
+                self._answer(ticket)
         except BaseException as exc:  # surfaced by the test through .errors
             self.errors.append(exc)
 

@@ -9,6 +9,7 @@ nothing of the job is left running.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,7 +19,7 @@ from spotrun.status import JobStatus
 from tests.control.statemachine_harness import (
     Cloud,
     FakeTrainer,
-    cloud_fixture,
+    cloud_session,
     fail,
     interrupt,
     lose,
@@ -26,8 +27,18 @@ from tests.control.statemachine_harness import (
     succeed,
 )
 
-two_zones = pytest.fixture(cloud_fixture(("us-east-1a", "us-east-1b")), name="cloud")
-one_zone = pytest.fixture(cloud_fixture(("us-east-1a",)), name="single_zone_cloud")
+pytestmark = pytest.mark.filterwarnings("ignore:No application metrics")
+
+
+@pytest.fixture(scope="module")
+def deployment() -> Iterator[Cloud]:
+    yield from cloud_session()
+
+
+@pytest.fixture
+def cloud(deployment: Cloud) -> Cloud:
+    deployment.reset()
+    return deployment
 
 
 def run(
@@ -84,7 +95,7 @@ def test_state_machine_success_records_model_cost_and_notifies(cloud: Cloud) -> 
     assert ticket["dataset"] == {"mount_point": "/mnt/spotrun/data"}
     assert ticket["heartbeat_seconds"] == 100
     # one notification, and nothing left
-    (message,) = cloud.notifications()
+    (message,) = cloud.notifications(job_id)
     assert message["status"] == "SUCCEEDED" and message["job_id"] == job_id
     assert_nothing_left(cloud, job_id)
 
@@ -130,10 +141,9 @@ def test_state_machine_spot_interruption_snapshots_and_resumes(cloud: Cloud) -> 
     assert_nothing_left(cloud, job_id)
 
 
-def test_state_machine_single_zone_reuses_checkpoint_volume(single_zone_cloud: Cloud) -> None:
-    cloud = single_zone_cloud
+def test_state_machine_single_zone_reuses_checkpoint_volume(cloud: Cloud) -> None:
     # GIVEN a job whose only subnet is in one AZ
-    job_id = cloud.create_job()
+    job_id = cloud.create_job(subnets=[cloud.subnets[2]])
 
     # WHEN it is interrupted once
     execution, trainer = run(cloud, job_id, [interrupt(40), succeed(80)])
@@ -166,7 +176,7 @@ def test_state_machine_checkpoint_step_never_goes_backwards(cloud: Cloud) -> Non
 def test_state_machine_instance_lost_relaunches(cloud: Cloud) -> None:
     # GIVEN a first attempt whose instance vanishes without the trainer reporting
     job_id = cloud.create_job()
-    execution, trainer = run(cloud, job_id, [lose(), succeed()])
+    execution, _trainer = run(cloud, job_id, [lose(), succeed()])
 
     # THEN HandleInstanceStateFunction failed the task with Instance.Lost and it relaunched
     assert execution["status"] == "SUCCEEDED"
@@ -199,7 +209,7 @@ def test_state_machine_refused_pool_moves_to_another(cloud: Cloud) -> None:
     job_id = cloud.create_job()
 
     # WHEN the job runs
-    execution, trainer = run(cloud, job_id, [succeed()])
+    execution, _trainer = run(cloud, job_id, [succeed()])
 
     # THEN it landed in the other subnet at once, with no backoff
     assert execution["status"] == "SUCCEEDED"
@@ -248,7 +258,7 @@ def test_state_machine_no_capacity_without_fallback_fails(cloud: Cloud) -> None:
     assert record.reason.startswith("Capacity.Unavailable: no spot capacity")
     assert "on_demand_fallback is off" in record.reason
     assert trainer.tickets == [] and record.attempts == []
-    (message,) = cloud.notifications()
+    (message,) = cloud.notifications(job_id)
     assert message["status"] == "FAILED"
     assert_nothing_left(cloud, job_id)
 
@@ -360,15 +370,24 @@ def test_state_machine_cancel_releases_everything(cloud: Cloud) -> None:
     trainer = FakeTrainer(cloud, job_id, [silent()], on_ticket=cancel)
     trainer.start()
     try:
-        arn = cloud.start(job_id)
-        execution = cloud.wait(arn)
+        # moto stops an execution only when its waiting task returns (AWS stops it at
+        # once); a 1 s heartbeat timeout makes that return quickly.
+        arn = cloud.start(job_id, heartbeat_timeout_seconds=1)
+        execution = cloud.wait(arn, timeout=10)
     finally:
         trainer.stop()
-    assert execution["status"] == "ABORTED"
-    assert cancelled["response"]["statusCode"] in (200, 202)
+    assert not trainer.errors, trainer.errors
+    # moto ends a stopped execution as FAILED when its waiting task returns; AWS
+    # reports ABORTED at once. Either way no state ran after Run Trainer.
+    assert execution["status"] in ("ABORTED", "FAILED")
+    assert cloud.entered_states(arn)[-1] == "Run Trainer"
+    assert cancelled["response"]["statusCode"] == 202
 
-    # AND EventBridge delivers the status change (moto does not route it to Lambda)
-    cloud.invoke("HandleExecutionEndedFunction", execution_status_event(execution))
+    # AND EventBridge delivers the status change as AWS sends it (moto does not route
+    # it to Lambda)
+    cloud.invoke(
+        "HandleExecutionEndedFunction", execution_status_event({**execution, "status": "ABORTED"})
+    )
 
     record = cloud.store.get(job_id)
     assert record.status is JobStatus.CANCELLED

@@ -1,4 +1,4 @@
-"""Fixtures for the end-to-end tests: one local cloud per module, and a leak check after each test."""
+"""End-to-end fixtures: one local cloud per module, and a leak check after each test."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Capacity refused in some pools, and a job cancelled mid-training, end to end on the local cloud."""
+"""Capacity refused in some pools, and a job cancelled mid-training, on the local cloud."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
-"""Jobs carried across interruptions on the local cloud, end to end (real template, ASL, trainer)."""
+"""Jobs carried across interruptions on the local cloud (real template, ASL, handlers, trainer)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 from e2e_support import CHECKPOINT_INTERVAL_STEPS, job_spec, wait_until
@@ -23,6 +24,17 @@ def _submit(cloud, jobs: list[str], spec: dict) -> str:
     return response.body["job_id"]
 
 
+def _story(job: dict) -> str:
+    """The parts of a job record that explain an outcome, for assertion messages."""
+    attempts = [
+        {key: attempt.get(key) for key in ("attempt", "instance_id", "outcome", "error")}
+        for attempt in job.get("attempts") or []
+    ]
+    return json.dumps(
+        {"status": job.get("status"), "reason": job.get("reason"), "attempts": attempts}
+    )
+
+
 def _digest(cloud, job_id: str, tmp_path) -> str:
     path = cloud.download_model(job_id, tmp_path / job_id / "model.pt")
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -38,8 +50,8 @@ def test_three_interruptions_succeed_with_the_same_model_as_none(cloud, jobs, tm
         job_id: cloud.wait_for_job(job_id, timeout=240) for job_id in (baseline, interrupted)
     }
     # THEN both succeed, the interrupted one after three spot interruptions
-    assert finished[baseline]["status"] == "SUCCEEDED", finished[baseline]
-    assert finished[interrupted]["status"] == "SUCCEEDED", finished[interrupted]
+    assert finished[baseline]["status"] == "SUCCEEDED", _story(finished[baseline])
+    assert finished[interrupted]["status"] == "SUCCEEDED", _story(finished[interrupted])
     delivered = [fault for fault in cloud.chaos.delivered if fault.job_id == interrupted]
     assert [fault.kind for fault in delivered] == ["interrupt"] * 3
     assert finished[interrupted]["interruptions"] == 3
@@ -53,13 +65,15 @@ def test_three_interruptions_succeed_with_the_same_model_as_none(cloud, jobs, tm
 
 
 def test_instance_killed_without_notice_resumes_after_heartbeat_timeout(cloud, jobs):
-    # GIVEN a job with a short heartbeat timeout
-    job_id = _submit(cloud, jobs, job_spec("killed", steps=STEPS, heartbeat_timeout_seconds=8))
+    # GIVEN a job with a short heartbeat timeout (still longer than an instance takes to
+    # boot and start the trainer, about 10 s here: the first heartbeat comes from it)
+    spec = job_spec("killed", steps=STEPS, heartbeat_timeout_seconds=20)
+    job_id = _submit(cloud, jobs, spec)
     # WHEN its instance dies at step 35 with no notice (moto still says "running")
     cloud.chaos.arm(job_id, [Fault(kind="kill", at_step=35)])
     final = cloud.wait_for_job(job_id, timeout=180)
     # THEN the heartbeat timeout catches it and the job resumes and succeeds
-    assert final["status"] == "SUCCEEDED", final
+    assert final["status"] == "SUCCEEDED", _story(final)
     (kill,) = [fault for fault in cloud.chaos.delivered if fault.job_id == job_id]
     first, second = final["attempts"][:2]
     assert first["instance_id"] == kill.instance_id

@@ -275,62 +275,61 @@ def test_capacity_errors_everywhere_launch_nothing_and_run_instances_raises(clou
     assert refused.value.response["ResponseMetadata"]["RequestId"]
 
 
+def saw(instance, kind: str):
+    """The first line of ``kind`` the instance printed, or None."""
+    return next((line for line in instance.lines if line.event["event"] == kind), None)
+
+
+def state_of(cloud, instance_id: str) -> str:
+    reservation = cloud.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]
+    return reservation["Instances"][0]["State"]["Name"]
+
+
+def seen_events(cloud, detail_type: str, instance_id: str) -> list[dict]:
+    """Events of ``detail_type`` about ``instance_id`` that the echo function received."""
+    prefix = f"seen/{detail_type.replace(' ', '_')}/"
+    found = []
+    for item in cloud.s3.list_objects_v2(Bucket=cloud.bucket, Prefix=prefix).get("Contents", []):
+        event = json.loads(cloud.s3.get_object(Bucket=cloud.bucket, Key=item["Key"])["Body"].read())
+        if event["detail"]["instance-id"] == instance_id:
+            found.append(event)
+    return found
+
+
 def test_instance_runs_user_data_and_gets_interrupted_like_aws(cloud):
     # GIVEN an instance launched from the template's launch template
     answer = launch(cloud, job_id="j-spot")
     instance_id = answer["Instances"][0]["InstanceIds"][0]
     instance = wait_until(lambda: cloud.runner.instances.get(instance_id))
     # THEN its process ran the user data stub → the bootstrap from the bucket → IMDS
-    start = wait_until(
-        lambda: next((l for l in instance.lines if l.event["event"] == "start"), None)
-    )
-    assert start.event["instance"] == instance_id
-    wait_until(lambda: any(l.event["event"] == "step" for l in instance.lines))
+    assert wait_until(lambda: saw(instance, "start")).event["instance"] == instance_id
+    wait_until(lambda: saw(instance, "step"))
     # WHEN chaos interrupts it
     cloud.chaos.deliver("interrupt", instance)
     # THEN the instance sees the IMDS notice, and after the notice period it is terminated
-    wait_until(lambda: any(l.event["event"] == "notice" for l in instance.lines))
-    state = lambda: cloud.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0][  # noqa: E731
-        "Instances"
-    ][0]["State"]["Name"]
-    wait_until(lambda: state() == "terminated", timeout=10)
+    wait_until(lambda: saw(instance, "notice"))
+    wait_until(lambda: state_of(cloud, instance_id) == "terminated", timeout=10)
     assert not any(cloud.wait_no_leaks("j-spot").values())
-    # and the rules got the warning and both state changes, in order
-    events = []
-    for prefix in (
-        "seen/EC2_Spot_Instance_Interruption_Warning/",
-        "seen/EC2_Instance_State-change_Notification/",
-    ):
-        wait_until(
-            lambda p=prefix: cloud.s3.list_objects_v2(Bucket=cloud.bucket, Prefix=p).get("Contents")
-        )
-
-    def states():
-        found = []
-        listing = cloud.s3.list_objects_v2(
-            Bucket=cloud.bucket, Prefix="seen/EC2_Instance_State-change_Notification/"
-        )
-        for item in listing.get("Contents", []):
-            event = json.loads(
-                cloud.s3.get_object(Bucket=cloud.bucket, Key=item["Key"])["Body"].read()
-            )
-            if event["detail"]["instance-id"] == instance_id:
-                found.append(event["detail"]["state"])
-        return found if "terminated" in found else None
-
-    events = wait_until(states)
-    assert {"pending", "running", "shutting-down", "terminated"} <= set(events)
+    # and the rules got the warning and the state changes
+    wait_until(lambda: seen_events(cloud, "EC2 Spot Instance Interruption Warning", instance_id))
+    changes = wait_until(
+        lambda: {
+            event["detail"]["state"]
+            for event in seen_events(cloud, "EC2 Instance State-change Notification", instance_id)
+        }
+        >= {"pending", "running", "shutting-down", "terminated"}
+    )
+    assert changes
 
 
 def test_kill_without_notice_leaves_moto_running(cloud):
     answer = launch(cloud, job_id="j-kill")
     instance_id = answer["Instances"][0]["InstanceIds"][0]
     instance = wait_until(lambda: cloud.runner.instances.get(instance_id))
-    wait_until(lambda: any(l.event["event"] == "step" for l in instance.lines))
+    wait_until(lambda: saw(instance, "step"))
     cloud.chaos.deliver("kill", instance)
     wait_until(lambda: not instance.process_alive(), timeout=5)
     time.sleep(0.5)
-    reservation = cloud.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]
-    assert reservation["Instances"][0]["State"]["Name"] == "running"
+    assert state_of(cloud, instance_id) == "running"
     cloud.ec2.terminate_instances(InstanceIds=[instance_id])
     assert not any(cloud.wait_no_leaks("j-kill").values())

@@ -145,9 +145,24 @@ def _keep_send_task_failure_cause() -> None:
     StepFunctionResponse.send_task_failure = send_task_failure
 
 
-@pytest.fixture(scope="session")
+def _configure_moto(url: str) -> None:
+    config = {"stepfunctions": {"execute_state_machine": True}, "lambda": {"use_docker": False}}
+    request = urllib.request.Request(
+        f"{url}/moto-api/config",
+        data=json.dumps(config).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    urllib.request.urlopen(request, timeout=10).read()
+
+
+@pytest.fixture(scope="module")
 def moto_server() -> Iterator[str]:
-    """A moto server on loopback that runs ASL (so task tokens are real)."""
+    """A moto server on loopback that runs ASL (so task tokens are real).
+
+    Per module, not per session: its threads must not outlive the modules that use
+    it, because other tests fork (a fork copies locks held by other threads).
+    """
     from moto.server import ThreadedMotoServer
 
     _keep_send_task_failure_cause()
@@ -162,14 +177,7 @@ def moto_server() -> Iterator[str]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     url = f"http://127.0.0.1:{port}"
-    config = {"stepfunctions": {"execute_state_machine": True}, "lambda": {"use_docker": False}}
-    request = urllib.request.Request(
-        f"{url}/moto-api/config",
-        data=json.dumps(config).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    urllib.request.urlopen(request, timeout=10).read()
+    _configure_moto(url)
     yield url
     server.stop()
     for key, value in saved.items():
@@ -257,8 +265,11 @@ class TaskFactory:
         raise AssertionError("the state machine never sent its task token")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def sfn_tasks(moto_server: str) -> TaskFactory:
+    # Per test, config included: the server shares moto's in-process backends, which
+    # any ``mock_aws`` in another test resets (and with them the config).
+    _configure_moto(moto_server)
     return TaskFactory(moto_server)
 
 

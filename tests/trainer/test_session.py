@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 import textwrap
 import time
 
+import boto3
 import pytest
 import torch
 
@@ -163,21 +165,26 @@ def test_session_user_error_reports_trainer_failed_with_the_committed_step(
     assert "ValueError: boom at step 5" in cause["error"]
 
 
-def test_runner_reports_an_invalid_ticket_when_it_has_a_token(
-    tmp_path, sfn_tasks, trainer_env, make_ticket
-):
-    task = sfn_tasks.start()
-    ticket = make_ticket(task_token=task.token, checkpoint_dir="/c", model_uri="/m")
-    ticket["checkpoint"]["interval"] = "sometimes"
-    (tmp_path / "ticket.json").write_text(json.dumps(ticket))
-    result = subprocess.run(
-        [sys.executable, "-m", "spotrun_trainer", "run", "--ticket", str(tmp_path / "ticket.json")],
-        env=trainer_env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+def test_session_stop_notice_with_an_s3_mirror_reports_s3(tmp_path, moto_server, capsys):
+    # GIVEN a ticket whose checkpoints are mirrored to S3
+    s3 = boto3.client("s3", region_name="us-east-1", endpoint_url=moto_server)
+    s3.create_bucket(Bucket="mirror")
+    base = Ticket.standalone(tmp_path / "ckpt")
+    ticket = dataclasses.replace(
+        base, checkpoint=dataclasses.replace(base.checkpoint, s3_uri="s3://mirror/checkpoints/j/")
     )
-    assert result.returncode == 2
-    execution = task.result()
-    assert execution["error"] == "Trainer.Failed"
-    assert "checkpoint.interval" in json.loads(execution["cause"])["error"]
+    session = Session(
+        ticket, watcher=InterruptionWatcher(None), policy=EveryNSteps(100), s3_client=s3
+    )
+    model = torch.nn.Linear(4, 2)
+    # WHEN a stop notice comes at step 3
+    with pytest.raises(Interrupted), session:
+        session.restore(model=model)
+        session.watcher.deliver(Notice("sigterm", time.time()))
+        if session.should_checkpoint(3):
+            session.save(3)
+    # THEN step 3 is committed in S3 too, and the report says so
+    pointer = json.loads(s3.get_object(Bucket="mirror", Key="checkpoints/j/LATEST")["Body"].read())
+    assert pointer["step"] == 3
+    lines = _lines(capsys)
+    assert [x["location"] for x in lines if x["event"] == "checkpoint"] == ["s3"]

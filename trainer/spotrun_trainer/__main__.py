@@ -62,15 +62,16 @@ def run_ticket(path: str) -> int:
         _report_with_raw_token(path, str(error))
         return 2
     env = {**os.environ, **ticket.environment, TICKET_ENV: str(Path(path).resolve())}
-    log.info(
-        "starting %s (job %s, attempt %d)", list(ticket.command), ticket.job_id, ticket.attempt
-    )
+    command = list(ticket.command)
+    if command[0] in ("python", "python3"):
+        # "python" in a ticket means the interpreter that has spotrun_trainer: the
+        # same one in the image, and the right one in a venv (the local cloud).
+        command[0] = sys.executable
+    log.info("starting %s (job %s, attempt %d)", command, ticket.job_id, ticket.attempt)
     try:
-        child = subprocess.Popen(
-            list(ticket.command), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
+        child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except OSError as error:
-        _report(ticket, f"cannot start {list(ticket.command)}: {error}")
+        _report(ticket, f"cannot start {command}: {error}")
         return 127
     forward = _forward_signals(child)
     stderr_tail: collections.deque[str] = collections.deque(maxlen=20)

@@ -90,7 +90,9 @@ class InterruptionWatcher:
         """Stop polling and give SIGTERM back to whoever had it."""
         self._closing.set()
         if self._thread is not None:
-            self._thread.join(timeout=self.poll_seconds + 5)
+            # Bounded: a poll stuck on an unresponsive IMDS must not delay the exit
+            # (the thread is a daemon and ends by itself).
+            self._thread.join(timeout=min(self.poll_seconds + 1, 3))
             self._thread = None
         if self._previous_sigterm is not None:
             signal.signal(signal.SIGTERM, self._previous_sigterm)

@@ -167,11 +167,12 @@ def _idempotent_submitter(deps: ApiDependencies) -> tuple[Any, Any]:
     )
 
     # Idempotency records share the jobs table; attribute names of their own keep
-    # them from colliding with a job record's "status".
+    # them from colliding with a job record's "status". "expiration" is the table's
+    # TTL attribute (template.yaml), which job records never carry.
     persistence = DynamoDBPersistenceLayer(
         table_name=deps.store.table_name,
         key_attr="job_id",
-        expiry_attr="idempotency_expiration",
+        expiry_attr="expiration",
         in_progress_expiry_attr="idempotency_in_progress_expiration",
         status_attr="idempotency_status",
         data_attr="idempotency_data",

@@ -297,7 +297,11 @@ def sweep_orphans(
         if record is None and within_grace:
             young.append(job_id)
             continue
-        report = release_job_resources(job_id, ec2_client=ec2_client, keep_snapshots=keep_snapshots)
+        # No waiting for detaching volumes: the next sweep deletes them, and one slow
+        # job must not use up the run's time limit.
+        report = release_job_resources(
+            job_id, ec2_client=ec2_client, keep_snapshots=keep_snapshots, volume_wait_seconds=0
+        )
         released.append(
             {
                 "job_id": job_id,

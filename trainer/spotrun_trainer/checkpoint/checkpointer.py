@@ -87,6 +87,13 @@ class _Sink:
     manifests: dict[int, Manifest] = field(default_factory=dict)
 
 
+def _results(jobs: list[futures.Future[Any]]) -> list[Any]:
+    """Results of all jobs; on a failure, raise only once every job has stopped, so no
+    straggler still reads staging buffers (or writes restore targets) afterwards."""
+    futures.wait(jobs)
+    return [job.result() for job in jobs]
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -125,7 +132,18 @@ class Checkpointer:
 
     ``save_async`` called while a save is in flight **waits** for that save first (its
     wait counts as stall): a committed step is never superseded, and the staging
-    buffers are reused only once the previous save no longer reads them.
+    buffers are reused only once the previous save no longer reads them. ``save`` and
+    ``restore`` also wait for it. The error of a save nobody waited for is logged when
+    it happens and is not raised by a later call.
+
+    Steps are expected to increase: the pointer names the step saved last, and
+    retention keeps the ``keep`` newest manifests at or below it, so saving an older
+    step (a deliberate rollback) makes it the newest and collects its successors.
+
+    ``codec="auto"`` writes raw chunks to a ``LocalStore`` (this disk outruns zstd on
+    these cores) and the ``planes`` codec to an ``S3Store``; any other name from
+    ``codec.CODECS`` applies to every sink. Memory: ``save_async`` keeps one staging
+    copy of the state's tensors between saves.
     """
 
     def __init__(
@@ -157,7 +175,11 @@ class Checkpointer:
         )
         self._saver = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-save")
         self._staging = StagingArea()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _in_flight
+        # Held by save, save_async and restore: a save requested from another thread
+        # (the interruption watcher) queues behind the current one instead of racing it
+        # for the staging buffers.
+        self._api_lock = threading.RLock()
         self._in_flight: SaveHandle | None = None
         self._closed = False
 
@@ -166,27 +188,31 @@ class Checkpointer:
     def save(self, step: int, state: Mapping[Any, Any]) -> CommitInfo:
         """Save synchronously; returns once the checkpoint is durable on every sink."""
         start = time.perf_counter()
-        self._check_open()
-        self._settle_in_flight()
-        tensors, tree = flatten(state)
-        # The caller is blocked until the end, so its own memory is written directly.
-        staged, aliases = self._staging.stage(tensors, copy=False)
-        return self._write(step, staged, aliases, tree, tensors, start, stall=None)
+        with self._api_lock:
+            self._check_open()
+            self._settle_in_flight()
+            tensors, tree = flatten(state)
+            # The caller is blocked until the end, so its own memory is written directly.
+            staged, aliases = self._staging.stage(tensors, copy=False)
+            return self._write(step, staged, aliases, tree, tensors, start, stall=None)
 
     def save_async(self, step: int, state: Mapping[Any, Any]) -> SaveHandle:
         """Stage the state and write it in the background; blocks only while staging
         (and while a previous save is still running: see the class docstring)."""
         start = time.perf_counter()
-        self._check_open()
-        self._settle_in_flight()
-        tensors, tree = flatten(state)
-        staged, aliases = self._staging.stage(tensors, copy=True)
-        stall = time.perf_counter() - start
-        future = self._saver.submit(self._write, step, staged, aliases, tree, tensors, start, stall)
-        handle = SaveHandle(step, future)
-        with self._lock:
-            self._in_flight = handle
-        return handle
+        with self._api_lock:
+            self._check_open()
+            self._settle_in_flight()
+            tensors, tree = flatten(state)
+            staged, aliases = self._staging.stage(tensors, copy=True)
+            stall = time.perf_counter() - start
+            future = self._saver.submit(
+                self._write, step, staged, aliases, tree, tensors, start, stall
+            )
+            handle = SaveHandle(step, future)
+            with self._lock:
+                self._in_flight = handle
+            return handle
 
     def wait(self) -> CommitInfo | None:
         """Wait for the in-flight save; re-raises its error. None when nothing is in flight."""
@@ -292,9 +318,9 @@ class Checkpointer:
     ) -> int:
         store = sink.store
         # One LIST beats a HEAD per chunk on S3; a local stat per chunk is cheaper still.
-        listing = store.list_chunks() if store.location == "s3" else None
+        listing = store.list_chunks() if store.prefers_listing else None
         jobs = [self._pool.submit(self._put_object, sink, obj, listing) for obj in plan.objects]
-        results = [job.result() for job in jobs]
+        results = _results(jobs)
         store.sync_chunks()  # every chunk durable before the manifest can name it
         written = sum(r[2] for r in results)
 
@@ -402,8 +428,12 @@ class Checkpointer:
         was passed over, tensors of ``into`` may have been overwritten by it before the
         next candidate overwrote them again.
         """
-        self._check_open()
-        self._settle_in_flight()
+        with self._api_lock:
+            self._check_open()
+            self._settle_in_flight()
+            return self._restore(into)
+
+    def _restore(self, into: Mapping[Any, Any] | None) -> Restored | None:
         skipped: list[str] = []
         targets = flatten(into)[0] if into is not None else {}
         for step, index in self._candidates(skipped):
@@ -444,9 +474,7 @@ class Checkpointer:
                 )
                 pos += ref.length
             result[name] = dest
-        jobs = [self._pool.submit(self._read_chunk, sink, d, r) for d, r in reads.items()]
-        for job in jobs:
-            job.result()
+        _results([self._pool.submit(self._read_chunk, sink, d, r) for d, r in reads.items()])
         for name, entry in manifest.tensors.items():
             pieces = [(c.hash, c.offset, c.length) for c in entry.chunks]
             if entry.alias_of is None and tensor_checksum(pieces) != entry.checksum:

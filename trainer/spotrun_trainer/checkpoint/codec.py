@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,10 +137,6 @@ def encode(
         table.append(_PLANE_TABLE.pack(method, len(blob) if method else plane.size))
         blobs.append(blob)
     return [header, bytes([len(planes)]), *table, *blobs]
-
-
-def stored_length(parts: Sequence[Any]) -> int:
-    return sum(p.nbytes if isinstance(p, np.ndarray) else len(p) for p in parts)
 
 
 def decode(stored: Any, out: Any | None = None) -> Any:

@@ -47,10 +47,6 @@ class StagingArea:
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
 
-    @property
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self._buffers.values())
-
     def stage(
         self, tensors: dict[str, torch.Tensor], *, copy: bool
     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

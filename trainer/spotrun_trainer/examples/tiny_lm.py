@@ -194,6 +194,8 @@ def lr_lambda_for(steps: int, warmup: int) -> Callable[[int], float]:
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    # cuBLAS is deterministic only with a fixed workspace; set before CUDA starts.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     config = Config.from_env(on_gpu)

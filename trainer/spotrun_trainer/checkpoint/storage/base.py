@@ -21,6 +21,7 @@ class Store(ABC):
 
     location: str  # "volume" or "s3": where a checkpoint read from here lives
     default_codec: str  # the codec "auto" picks for this sink
+    prefers_listing = False  # True where one LIST per save beats a lookup per chunk
 
     @abstractmethod
     def chunk_size(self, digest: str) -> int | None:

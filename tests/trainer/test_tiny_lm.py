@@ -1,0 +1,37 @@
+"""The example job's own parts: early stopping, corpus, schedule, model."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from spotrun_trainer.examples import tiny_lm
+
+
+def test_tiny_lm_early_stopping_after_patience_evaluations():
+    early = tiny_lm.EarlyStopping(patience=2, min_delta=0.01)
+    for step, loss in [(10, 3.0), (20, 2.5), (30, 2.495), (40, 2.6)]:
+        early.update(step, loss)
+    assert early.stopped and early.best == 2.5 and early.best_step == 20
+    restored = tiny_lm.EarlyStopping(patience=2)
+    restored.load_state_dict(early.state_dict())
+    assert restored.state_dict() == early.state_dict()
+
+
+def test_tiny_lm_schedule_warms_up_then_decays_to_a_tenth():
+    factor = tiny_lm.lr_lambda_for(steps=100, warmup=10)
+    assert factor(0) == 0.1 and factor(9) == 1.0
+    assert math.isclose(factor(100), 0.1)
+
+
+def test_tiny_lm_model_loss_starts_near_uniform():
+    config = tiny_lm.Config.from_env(on_gpu=False)
+    text = tiny_lm.load_text(config, None)
+    vocab = sorted(set(text))
+    torch.manual_seed(0)
+    model = tiny_lm.TinyLM(len(vocab), config)
+    tokens = torch.randint(len(vocab), (2, config.context + 1))
+    loss = model(tokens[:, :-1], tokens[:, 1:]).item()
+    assert abs(loss - math.log(len(vocab))) < 1.0
+    assert len(text) > 3000  # the shipped corpus
