@@ -159,7 +159,7 @@ def _can_drop_caches() -> bool:
         return False
 
 
-COLD_METHOD = "drop_caches" if _can_drop_caches() else "posix_fadvise"
+COLD_METHOD = "posix_fadvise"  # set in main(): drop_caches when this host allows it
 
 
 def make_cold(path: Path) -> None:
@@ -383,7 +383,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--params", type=int, default=GPT2_SMALL, help="model size")
     parser.add_argument("--runs", type=int, default=3, help="runs per measurement")
     parser.add_argument("--dir", type=Path, default=None, help="where to write (a disk)")
+    parser.add_argument(
+        "--cold",
+        choices=["auto", "drop_caches", "fadvise"],
+        default="auto",
+        help="how to empty the page cache before a cold read: drop_caches (the whole "
+        "host's, needs root) or posix_fadvise(DONTNEED) on the files read; auto picks "
+        "drop_caches when it works",
+    )
     args = parser.parse_args(argv)
+    global COLD_METHOD
+    if args.cold == "drop_caches" or (args.cold == "auto" and _can_drop_caches()):
+        COLD_METHOD = "drop_caches"
     root = args.dir or Path(tempfile.mkdtemp(prefix="spotrun-bench-"))
     root.mkdir(parents=True, exist_ok=True)
 

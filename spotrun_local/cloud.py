@@ -30,6 +30,7 @@ from spotrun_local.events import EventRouter
 from spotrun_local.executions import ExecutionWatcher
 from spotrun_local.instances import InstanceRunner
 from spotrun_local.lambdas import FunctionPool
+from spotrun_local.stepfunctions import StopExecutionFix
 from spotrun_local.volumes import VolumeFolders
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,11 @@ class CloudConfig:
     notice_seconds: float = 120.0
     shutdown_grace_seconds: float = 3.0
     schedule_scale: float = 1.0
-    instance_environment: Mapping[str, str] = field(default_factory=dict)
+    # Added to every instance's environment. The bootstrap polls S3 for its ticket
+    # every 2 s by default; on loopback a shorter poll makes relaunches snappier.
+    instance_environment: Mapping[str, str] = field(
+        default_factory=lambda: {"SPOTRUN_TICKET_POLL_SECONDS": "0.5"}
+    )
     api_port: int = 0
     keep_root: bool = False
 
@@ -96,6 +101,8 @@ class LocalCloud:
         self._stoppers.append(self.volumes.uninstall)
         self.capacity = CapacityInjector().install(backend)
         self._stoppers.append(self.capacity.uninstall)
+        self._stop_fix = StopExecutionFix().install()
+        self._stoppers.append(self._stop_fix.uninstall)
         bootstrap = config.bootstrap if config.bootstrap.exists() else None
         if bootstrap is None:
             log.warning("%s is missing: instances will find no bootstrap", config.bootstrap)

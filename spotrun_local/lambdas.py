@@ -124,6 +124,8 @@ class FunctionPool:
     functions: Mapping[str, FunctionSpec]
     base_environment: Mapping[str, str]
     log_dir: Path
+    # Lambda retries a failed asynchronous invocation twice, after about 1 and 2
+    # minutes; the local cloud keeps the two retries and scales the delays down.
     async_retry_delays: tuple[float, ...] = (1.0, 2.0)
     _idle: dict[str, list[_Worker]] = field(default_factory=dict)
     _all: list[_Worker] = field(default_factory=list)

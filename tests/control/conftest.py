@@ -204,3 +204,24 @@ def control_env(
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return env
+
+
+# -- execution side (state machine tasks and event functions) -----------------
+
+
+@pytest.fixture
+def execution_env(
+    control_env: dict[str, str], ec2: Any, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, str]:
+    """control_env plus a real launch template and outcomes topic in moto."""
+    template_id = ec2.create_launch_template(
+        LaunchTemplateName="spotrun-trainer",
+        LaunchTemplateData={
+            "ImageId": "ami-03cf127a",  # one of moto's preloaded AMIs
+            "MetadataOptions": {"HttpTokens": "required"},
+        },
+    )["LaunchTemplate"]["LaunchTemplateId"]
+    topic_arn = boto3.client("sns", region_name=REGION).create_topic(Name=TOPIC_NAME)["TopicArn"]
+    monkeypatch.setenv("LAUNCH_TEMPLATE_ID", template_id)
+    monkeypatch.setenv("TOPIC_ARN", topic_arn)
+    return {**control_env, "LAUNCH_TEMPLATE_ID": template_id, "TOPIC_ARN": topic_arn}

@@ -279,3 +279,22 @@ def test_jobs_api_unknown_route_is_404(api):
     event["path"] = "/nothing"
     event["resource"] = "/nothing"
     assert api(event)[0] == 404
+
+
+def test_jobs_api_post_records_the_caller(api, store):
+    status, body = api(load_event("jobs_api", "post_job_valid"))
+    assert status == 201
+    assert store.get(body["job_id"]).source == {
+        "kind": "api",
+        "caller": "arn:aws:iam::123456789012:user/alice",
+    }
+
+
+def test_jobs_api_post_binary_body_is_400(api, store):
+    event = load_event("jobs_api", "post_job_malformed_json")
+    event["body"] = base64.b64encode(b"\xff\xfe\x00binary").decode()
+    event["isBase64Encoded"] = True
+    status, body = api(event)
+    assert status == 400
+    assert body["errors"] == [{"field": "$", "reason": "not UTF-8 text"}]
+    assert store.list_jobs()[0] == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -334,3 +335,53 @@ def test_submission_settings_from_env(control_env):
     assert settings.state_machine_arn == control_env["STATE_MACHINE_ARN"]
     assert settings.jobs_bucket == control_env["JOBS_BUCKET"]
     assert settings.defaults.instance_types == ("g5.xlarge", "g6.xlarge")
+
+
+def test_submit_job_dataset_snapshot_must_exist_and_fit(submit, ec2, store):
+    # GIVEN a 20 GiB snapshot
+    volume_id = ec2.create_volume(AvailabilityZone="us-east-1a", Size=20)["VolumeId"]
+    snapshot_id = ec2.create_snapshot(VolumeId=volume_id)["SnapshotId"]
+    # WHEN specs name a missing snapshot, or a volume smaller than the snapshot
+    with pytest.raises(SpecError) as missing:
+        submit({"name": "x", "dataset": {"snapshot_id": "snap-0000000000000dead"}})
+    with pytest.raises(SpecError) as small:
+        submit({"name": "x", "dataset": {"snapshot_id": snapshot_id, "volume_size_gib": 10}})
+    # THEN each names its field
+    assert [e["field"] for e in missing.value.errors] == ["dataset.snapshot_id"]
+    assert [e["field"] for e in small.value.errors] == ["dataset.volume_size_gib"]
+    # AND a spec that fits is accepted
+    ok = submit({"name": "x", "dataset": {"snapshot_id": snapshot_id, "volume_size_gib": 20}})
+    assert store.get(ok.job_id).spec["dataset"]["snapshot_id"] == snapshot_id
+
+
+def test_submit_job_default_instance_types_not_offered_are_dropped(
+    settings, store, sfn, ec2, state_machine
+):
+    # GIVEN deployment defaults naming a type this region does not offer
+    defaults = dataclasses.replace(settings.defaults, instance_types=("zz9.mega", "g5.xlarge"))
+    lenient = dataclasses.replace(settings, defaults=defaults)
+    # WHEN a spec relying on the defaults is submitted
+    result = submit_job(
+        '{"name": "x"}',
+        job_id=new_job_id(),
+        settings=lenient,
+        store=store,
+        sfn_client=sfn,
+        ec2_client=ec2,
+    )
+    # THEN the job runs with the offered default only
+    assert store.get(result.job_id).spec["instance_types"] == ["g5.xlarge"]
+    # AND WHEN no default is offered, the spec is refused on instance_types
+    hopeless = dataclasses.replace(
+        settings, defaults=dataclasses.replace(defaults, instance_types=("zz9.mega",))
+    )
+    with pytest.raises(SpecError) as caught:
+        submit_job(
+            '{"name": "x"}',
+            job_id=new_job_id(),
+            settings=hopeless,
+            store=store,
+            sfn_client=sfn,
+            ec2_client=ec2,
+        )
+    assert [e["field"] for e in caught.value.errors] == ["instance_types"]

@@ -178,9 +178,9 @@ def test_template_iam_least_privilege() -> None:
     statements = _statements()
     assert statements
     for owner, statement in statements:
-        actions = statement["Action"] if isinstance(statement["Action"], list) else [
-            statement["Action"]
-        ]
+        actions = (
+            statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        )
         assert "*" not in actions, owner
         if statement.get("Resource") == "*" and statement["Effect"] == "Allow":
             allowed = all(

@@ -31,8 +31,13 @@ ALL_DTYPES = [
 
 def _random(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    raw = torch.randint(0, 256, (int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size(),),
-                        dtype=torch.uint8, generator=g)
+    raw = torch.randint(
+        0,
+        256,
+        (int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size(),),
+        dtype=torch.uint8,
+        generator=g,
+    )
     if dtype == torch.bool:
         return (raw % 2).bool().reshape(shape)
     return raw.view(dtype).reshape(shape)  # any bit pattern, NaN payloads included
@@ -44,8 +49,9 @@ def _chunk_files(root: Path) -> set[str]:
 
 @pytest.fixture
 def ckpt(tmp_path: Path):
-    checkpointer = Checkpointer(LocalStore(tmp_path), keep=3, chunk_bytes=64 << 10,
-                                small_bytes=4 << 10)
+    checkpointer = Checkpointer(
+        LocalStore(tmp_path), keep=3, chunk_bytes=64 << 10, small_bytes=4 << 10
+    )
     yield checkpointer
     checkpointer.close()
 
@@ -60,12 +66,20 @@ def test_checkpointer_round_trip_is_bitwise_for_every_dtype(tmp_path, ckpt_asser
         "scalar": torch.tensor(7.5),
         "empty": torch.empty(0, 3),
         "transposed": _random(torch.float32, (40, 30), 99).t(),
-        "plain": {1: None, "f": float("inf"), "n": float("nan"), "b": True, "s": "x/y",
-                  "t": (1, [2.5, "z"]), "bytes": b"\x00\x01"},
+        "plain": {
+            1: None,
+            "f": float("inf"),
+            "n": float("nan"),
+            "b": True,
+            "s": "x/y",
+            "t": (1, [2.5, "z"]),
+            "bytes": b"\x00\x01",
+        },
         "numpy": np.arange(12, dtype=np.int32).reshape(3, 4),
     }
-    with Checkpointer(LocalStore(tmp_path), codec=codec, chunk_bytes=16 << 10,
-                      small_bytes=1 << 10) as ckpt:
+    with Checkpointer(
+        LocalStore(tmp_path), codec=codec, chunk_bytes=16 << 10, small_bytes=1 << 10
+    ) as ckpt:
         # WHEN it is saved and restored without targets
         info = ckpt.save(5, state)
         restored = ckpt.restore()
@@ -218,8 +232,9 @@ def _newest_only_chunk(root: Path) -> Path:
     return root / "chunks" / new[0][:2] / new[0]
 
 
-@pytest.mark.parametrize("damage", ["flip_chunk", "truncate_chunk", "delete_chunk",
-                                    "flip_manifest", "truncate_manifest"])
+@pytest.mark.parametrize(
+    "damage", ["flip_chunk", "truncate_chunk", "delete_chunk", "flip_manifest", "truncate_manifest"]
+)
 def test_checkpointer_corrupt_checkpoint_is_skipped(tmp_path, caplog, damage):
     # GIVEN two committed checkpoints, the newest one damaged
     with Checkpointer(LocalStore(tmp_path), chunk_bytes=8 << 10) as ckpt:

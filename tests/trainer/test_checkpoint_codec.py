@@ -19,14 +19,12 @@ def _join(parts) -> bytes:
 
 @pytest.mark.parametrize("codec", CODECS)
 @pytest.mark.parametrize(
-    "dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64,
-              torch.uint8]
+    "dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.uint8]
 )
 def test_codec_round_trip_is_exact(codec, dtype):
     tensor = (torch.randn(10_001) * 3).to(dtype)
     data = byte_view(tensor)
-    stored = _join(encode(codec, data, itemsize=tensor.element_size(),
-                          is_float=dtype in FLOATS))
+    stored = _join(encode(codec, data, itemsize=tensor.element_size(), is_float=dtype in FLOATS))
     header = parse_header(stored)
     assert header.codec == codec and header.raw_length == data.size
     out = np.empty(data.size, np.uint8)

@@ -33,8 +33,9 @@ def test_flatten_names_follow_the_state_paths(ckpt_make_state):
 
 
 def test_flatten_colliding_paths_stay_distinct():
-    tensors, tree = flatten({1: torch.zeros(1), "1": torch.ones(1), "a/b": torch.ones(2),
-                             "a": {"b": torch.zeros(2)}})
+    tensors, tree = flatten(
+        {1: torch.zeros(1), "1": torch.ones(1), "a/b": torch.ones(2), "a": {"b": torch.zeros(2)}}
+    )
     assert len(tensors) == 4
     back = unflatten(tree, tensors)
     assert torch.equal(back["1"], torch.ones(1)) and torch.equal(back[1], torch.zeros(1))

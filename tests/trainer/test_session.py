@@ -188,3 +188,23 @@ def test_session_stop_notice_with_an_s3_mirror_reports_s3(tmp_path, moto_server,
     assert pointer["step"] == 3
     lines = _lines(capsys)
     assert [x["location"] for x in lines if x["event"] == "checkpoint"] == ["s3"]
+
+
+def test_session_loop_that_stops_on_interrupted_still_reports(tmp_path, capsys):
+    # GIVEN a loop that breaks on session.interrupted without calling save()
+    model = torch.nn.Linear(4, 2)
+    with pytest.raises(Interrupted), _session(tmp_path) as session:
+        session.restore(model=model)
+        session.save(2, block=True)
+        session.watcher.deliver(Notice("sigterm", time.time()))
+        assert session.interrupted
+    # THEN the newest committed step is reported
+    report = next(x for x in _lines(capsys) if x["event"] == "report")
+    assert report["outcome"] == "Spot.Interrupted" and report["checkpoint_step"] == 2
+
+
+def test_session_script_that_forgets_complete_is_a_failure(tmp_path, capsys):
+    with pytest.raises(Exception, match="without complete"), _session(tmp_path) as session:
+        session.restore(model=torch.nn.Linear(4, 2))
+    report = next(x for x in _lines(capsys) if x["event"] == "report")
+    assert report["outcome"] == "Trainer.Failed"

@@ -163,7 +163,8 @@ class Session:
                 if self.interrupted:
                     # The loop ended on the notice without calling save(): report
                     # the newest committed step, which is all there is.
-                    self._report_interrupted(self._wait_inflight())
+                    self._wait_inflight()
+                    self._report_interrupted()
                     raise Interrupted(self.committed_step, self.watcher.notice.kind)  # type: ignore[union-attr]
                 error = SpotrunTrainerError("the training script ended without complete()")
                 self._report_failure(error)
@@ -266,8 +267,8 @@ class Session:
             raise SpotrunTrainerError("call restore(...) before save()")
         if self.interrupted:
             self._save_on_notice(step)
-        if step == self._started_step and self._inflight is None:
-            return None  # this exact state is already committed or being committed
+        if step == self._started_step:
+            return self._inflight  # this step is committed already, or being committed
         self._rebalance_due = False
         state = self._state(step)
         self._started_step = step
@@ -367,7 +368,7 @@ class Session:
         self._report_interrupted()
         raise Interrupted(self.committed_step, self.watcher.notice.kind)  # type: ignore[union-attr]
 
-    def _report_interrupted(self, _info: Any = None) -> None:
+    def _report_interrupted(self) -> None:
         notice = self.watcher.notice
         assert notice is not None
         time_to_safe = max(0.0, time.time() - notice.t)

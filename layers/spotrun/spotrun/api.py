@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import binascii
 import functools
 import json
 import re
@@ -14,6 +15,7 @@ from botocore.exceptions import ClientError
 
 from spotrun.errors import JobConflictError, JobNotFoundError, SpecError
 from spotrun.jobs import JobRecord, JobStore, derived_job_id, new_job_id, utc_now
+from spotrun.spec import BODY
 from spotrun.status import JobStatus
 from spotrun.submission import SubmissionSettings, execution_arn_for, submit_job
 
@@ -88,10 +90,14 @@ def post_job() -> Response:
     """Submit a job. With an ``Idempotency-Key`` header, a retry within the window
     gets the first call's response and starts nothing new."""
     event = app.current_event
-    body = event.decoded_body or ""
+    try:
+        body = event.decoded_body or ""
+    except (UnicodeDecodeError, binascii.Error):
+        raise SpecError([{"field": BODY, "reason": "not UTF-8 text"}]) from None
     key = _header(event.headers, IDEMPOTENCY_HEADER)
+    caller = _caller(event.raw_event)
     if key is None:
-        result = _submit(body=body, job_id=new_job_id())
+        result = _submit(body=body, job_id=new_job_id(), caller=caller)
     elif not _IDEMPOTENCY_KEY.fullmatch(key):
         return _json(
             400,
@@ -106,11 +112,11 @@ def post_job() -> Response:
             },
         )
     else:
-        result = _submit_idempotently(body=body, key=key, caller=_caller(event.raw_event))
+        result = _submit_idempotently(body=body, key=key, caller=caller)
     return _json(result["status_code"], result["body"])
 
 
-def _submit(*, body: str, job_id: str) -> dict[str, Any]:
+def _submit(*, body: str, job_id: str, caller: str) -> dict[str, Any]:
     deps = _deps()
     submission = submit_job(
         body,
@@ -119,7 +125,7 @@ def _submit(*, body: str, job_id: str) -> dict[str, Any]:
         store=deps.store,
         sfn_client=deps.sfn_client,
         ec2_client=deps.ec2_client,
-        source={"kind": "api"},
+        source={"kind": "api", "caller": caller},
     )
     if submission.created and deps.metrics is not None:
         deps.metrics.add_metric(name="JobsSubmitted", unit=MetricUnit.Count, value=1)
@@ -194,7 +200,7 @@ def _submit_keyed(*, request: dict[str, Any]) -> dict[str, Any]:
     # The job id follows from caller and key, so even after the idempotency record
     # expires a retry finds the same job instead of creating a second one.
     job_id = derived_job_id("api", request["caller"], request["idempotency_key"])
-    return _submit(body=request["body"], job_id=job_id)
+    return _submit(body=request["body"], job_id=job_id, caller=request["caller"])
 
 
 @app.get("/jobs")

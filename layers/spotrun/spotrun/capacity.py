@@ -11,6 +11,7 @@ https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/instant-fleet.html
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -151,8 +152,9 @@ def launch_instance(
                 override["MaxPrice"] = f"{max_spot_price:.5f}"
             overrides.append(override)
         request: dict[str, Any] = {
-            # Same token on a Lambda retry -> EC2 returns the same fleet, not a second instance.
-            "ClientToken": f"{client_token}-{subnet_id}"[:64],
+            # Same token on a Lambda retry -> EC2 returns the same fleet, not a second
+            # instance. Hashed: tokens are limited to 64 characters.
+            "ClientToken": _token(client_token, subnet_id),
             "Type": "instant",
             "LaunchTemplateConfigs": [
                 {
@@ -207,6 +209,10 @@ def launch_instance(
         f"no {market} capacity in {len(priced_pools)} pools"
         + (f" ({refusals.summary()})" if refusals.errors else "")
     )
+
+
+def _token(*parts: str) -> str:
+    return hashlib.sha256("/".join(parts).encode()).hexdigest()[:48]
 
 
 def _granted_instance(response: Mapping[str, Any]) -> tuple[str, str] | None:

@@ -99,15 +99,21 @@ def submit_job(
 
     try:
         spec = parse_spec(spec_source, defaults=settings.defaults, now=now)
-        problems = check_against_ec2(spec, ec2_client=ec2_client)
-        if problems:
-            raise SpecError(problems)
+        check = check_against_ec2(
+            spec,
+            ec2_client=ec2_client,
+            default_instance_types=spec.instance_types == list(settings.defaults.instance_types),
+        )
+        if check.problems:
+            raise SpecError(check.problems)
     except SpecError as exc:
         if not reject_invalid:
             raise
         return _reject(job_id, spec_source, exc, store=store, source=source)
 
     spec_record = spec.to_record()
+    # Only pools that exist reach the record (and so request_capacity).
+    spec_record["instance_types"] = check.usable_instance_types
     checkpoint = spec_record["checkpoint"]
     if checkpoint["s3_mirror"] and checkpoint["s3_uri"] is None and settings.jobs_bucket:
         # Resolved now so the record says exactly where the mirror lives.
@@ -126,8 +132,24 @@ def submit_job(
     return Submission(job_id, JobStatus.SUBMITTED, execution_arn, created=True)
 
 
-def check_against_ec2(spec: JobSpec, *, ec2_client: Any) -> list[dict[str, str]]:
-    """Problems the model cannot see: unknown subnets, instance types not offered there."""
+@dataclass(frozen=True)
+class Ec2Check:
+    """What EC2 says about a spec: problems by field, and the instance types it offers."""
+
+    problems: list[dict[str, str]]
+    usable_instance_types: list[str]
+
+
+def check_against_ec2(
+    spec: JobSpec, *, ec2_client: Any, default_instance_types: bool = False
+) -> Ec2Check:
+    """Problems the model cannot see: unknown subnets, instance types not offered in the
+    subnets' zones, a missing or too large dataset snapshot.
+
+    Instance types the user named must all be offered. The deployment's defaults
+    (``default_instance_types``) are a menu for every region the stack may run in,
+    so the ones not offered are dropped, and only an empty result is a problem.
+    """
     problems: list[dict[str, str]] = []
     subnets = ec2_client.describe_subnets(
         Filters=[{"Name": "subnet-id", "Values": list(spec.subnets)}]
@@ -140,17 +162,52 @@ def check_against_ec2(spec: JobSpec, *, ec2_client: Any) -> list[dict[str, str]]
 
     offered_anywhere = _offered(ec2_client, spec.instance_types, "region", None)
     offered_in_zones = (
-        _offered(ec2_client, spec.instance_types, "availability-zone", zones) if zones else set()
+        _offered(ec2_client, spec.instance_types, "availability-zone", zones)
+        if zones
+        else offered_anywhere
     )
-    for index, instance_type in enumerate(spec.instance_types):
-        if instance_type not in offered_anywhere:
-            reason = f"{instance_type} does not exist or is not offered in this region"
-        elif zones and instance_type not in offered_in_zones:
-            reason = f"{instance_type} is not offered in the subnets' zones ({', '.join(zones)})"
-        else:
-            continue
-        problems.append({"field": f"instance_types[{index}]", "reason": reason})
-    return problems
+    usable = [t for t in spec.instance_types if t in offered_in_zones]
+    if default_instance_types:
+        if not usable:
+            problems.append(
+                {
+                    "field": "instance_types",
+                    "reason": "not given, and none of the deployment's defaults "
+                    f"({', '.join(spec.instance_types)}) is offered in the subnets' zones",
+                }
+            )
+    else:
+        for index, instance_type in enumerate(spec.instance_types):
+            if instance_type not in offered_anywhere:
+                reason = f"{instance_type} does not exist or is not offered in this region"
+            elif instance_type not in offered_in_zones:
+                reason = (
+                    f"{instance_type} is not offered in the subnets' zones ({', '.join(zones)})"
+                )
+            else:
+                continue
+            problems.append({"field": f"instance_types[{index}]", "reason": reason})
+    if spec.dataset is not None and spec.dataset.snapshot_id is not None:
+        problems.extend(
+            _check_snapshot(ec2_client, spec.dataset.snapshot_id, spec.dataset.volume_size_gib)
+        )
+    return Ec2Check(problems, usable)
+
+
+def _check_snapshot(
+    ec2_client: Any, snapshot_id: str, volume_size_gib: int | None
+) -> list[dict[str, str]]:
+    """The dataset snapshot must exist (ours or shared with us) and fit the volume."""
+    try:
+        (snapshot,) = ec2_client.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"]
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") != "InvalidSnapshot.NotFound":
+            raise
+        return [{"field": "dataset.snapshot_id", "reason": f"no snapshot {snapshot_id} visible"}]
+    if volume_size_gib is not None and volume_size_gib < snapshot.get("VolumeSize", 0):
+        reason = f"smaller than the snapshot ({snapshot['VolumeSize']} GiB)"
+        return [{"field": "dataset.volume_size_gib", "reason": reason}]
+    return []
 
 
 def _offered(

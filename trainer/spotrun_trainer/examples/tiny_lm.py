@@ -14,6 +14,10 @@ Settings (environment, all optional): ``SPOTRUN_EXAMPLE_STEPS`` (200),
 ``_SEED`` (1234), ``_EVAL_EVERY`` (25), ``_PATIENCE`` (4 evaluations),
 ``_STEP_SLEEP`` (0 s; slows steps down for demos), ``_THREADS`` (1),
 ``_CORPUS`` (a text file), each prefixed ``SPOTRUN_EXAMPLE``.
+
+Without a ticket (``SPOTRUN_TICKET`` unset) it runs standalone: checkpoints and the
+final model go to ``$SPOTRUN_CHECKPOINT_DIR`` (``./spotrun-checkpoints``), and a
+second run resumes from there; delete the folder to start over.
 """
 
 from __future__ import annotations
