@@ -37,10 +37,10 @@ validate: $(STAMP)
 	$(VENV)/bin/cfn-lint template.yaml
 
 bench: $(STAMP)
-	$(PY) bench/checkpoint.py
+	PYTHONPATH=trainer $(PY) bench/checkpoint.py
 
 bench-smoke: $(STAMP)
-	$(PY) bench/checkpoint.py --params 2000000 --runs 1
+	PYTHONPATH=trainer $(PY) bench/checkpoint.py --params 2000000 --runs 1
 
 build: $(STAMP)
 	$(VENV)/bin/sam build

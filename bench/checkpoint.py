@@ -1,6 +1,8 @@
 """Checkpoint benchmark: spotrun's store against torch.save, safetensors, DCP and the disk floor.
 
-Run: ``python bench/checkpoint.py [--params N] [--runs N] [--dir PATH]``. The model is
+Run: ``make bench`` (``make bench-smoke`` for a small model), or
+``PYTHONPATH=trainer python bench/checkpoint.py [--params N] [--runs N] [--dir PATH]``
+from the repository's root. The model is
 GPT-2-small-like (124M params, tied embedding, fp32) after a few AdamW steps: about
 1.5 GB of state. Every write is fsynced before its clock stops; cold reads follow a
 page-cache drop. The last line of output is one JSON object: the ratios (medians of
@@ -16,7 +18,6 @@ import math
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -28,8 +29,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
 
 from spotrun_trainer.checkpoint import Checkpointer, LocalStore, S3Store
 from spotrun_trainer.checkpoint.flatten import flatten

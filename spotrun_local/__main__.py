@@ -32,7 +32,10 @@ def _parser() -> argparse.ArgumentParser:
         "rebalance@t=20 (replaces --interruptions)",
     )
     demo.add_argument(
-        "--random-rate", type=float, default=0.0, help="random interruptions per minute of training"
+        "--random-rate",
+        type=float,
+        default=0.0,
+        help="random interruptions per minute of training, on top of --interruptions",
     )
     demo.add_argument("--seed", type=int, default=0, help="chaos and training seed")
     demo.add_argument(
@@ -48,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="TYPE@AZ",
         help="refuse spot capacity in this pool (repeatable)",
     )
-    demo.add_argument("--out", type=Path, default=Path("out/demo"))
+    demo.add_argument(
+        "--out", type=Path, default=Path("out/demo"), help="for summary.json, timeline.png"
+    )
     demo.add_argument("--template", type=Path, help="another template.yaml")
     demo.add_argument("--root", type=Path, help="keep the cloud's files here (logs, volumes)")
 

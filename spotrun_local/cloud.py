@@ -68,6 +68,17 @@ class CloudConfig:
     api_port: int = 0
     keep_root: bool = False
 
+    def trainer_environment(self) -> dict[str, str]:
+        """``instance_environment``, plus an IMDS poll scaled with the notice period.
+
+        On AWS the trainer polls every 2 s against a 120 s notice; a demo's 6 s notice
+        polled every 2 s would spend a third of the notice unseen, and a job may finish
+        before it notices. Keep the same proportion (bounded to 0.25-2 s) unless the
+        environment names its own poll.
+        """
+        poll = min(2.0, max(0.25, self.notice_seconds / 60.0))
+        return {"SPOTRUN_NOTICE_POLL_SECONDS": f"{poll:g}", **self.instance_environment}
+
 
 class LocalCloud:
     """Everything of spotrun on this machine; a context manager."""
@@ -129,7 +140,7 @@ class LocalCloud:
             self.volumes.volume_root,
             self.router.put_event,
             fallback_user_data=self._launch_template_user_data,
-            extra_environment=config.instance_environment,
+            extra_environment=config.trainer_environment(),
             shutdown_grace_seconds=config.shutdown_grace_seconds,
         ).start()
         self._stoppers.append(self.runner.stop)

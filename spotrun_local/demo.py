@@ -80,7 +80,9 @@ def parse_schedule(text: str) -> list[Fault]:
 def parse_pool(text: str) -> CapacityFault:
     """``"g5.xlarge@us-east-1a"``, ``"g5.xlarge"`` or ``"@us-east-1b"`` → a refusing fault."""
     instance_type, _, zone = text.partition("@")
-    return CapacityFault(instance_type=instance_type or None, availability_zone=zone or None)
+    return CapacityFault(
+        instance_type=instance_type or None, availability_zone=zone or None, market="spot"
+    )
 
 
 def job_spec(options: DemoOptions) -> dict[str, Any]:

@@ -30,6 +30,11 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+
+class PoolClosedError(RuntimeError):
+    """An invocation after the function pool was shut down."""
+
+
 RUNTIME = Path(__file__).with_name("lambda_runtime.py")
 _INVOKE_PATH = re.compile(r"/functions/(?P<name>[^/]+)/invocations")
 
@@ -201,7 +206,11 @@ class FunctionPool:
                 if self._closed:
                     return
                 time.sleep(delay)
-                result = self.invoke(name_or_arn, event)
+                try:
+                    result = self.invoke(name_or_arn, event)
+                except PoolClosedError:  # the cloud stopped while this event waited
+                    log.info("dropped an async invocation of %s: pool shut down", name_or_arn)
+                    return
                 if result.function_error is None:
                     return
             error = result.json() if result else {}
@@ -217,7 +226,7 @@ class FunctionPool:
     def _take(self, spec: FunctionSpec) -> _Worker:
         with self._lock:
             if self._closed:
-                raise RuntimeError("the function pool is shut down")
+                raise PoolClosedError("the function pool is shut down")
             idle = self._idle.setdefault(spec.logical_id, [])
             while idle:
                 worker = idle.pop()

@@ -225,3 +225,29 @@ def execution_env(
     monkeypatch.setenv("LAUNCH_TEMPLATE_ID", template_id)
     monkeypatch.setenv("TOPIC_ARN", topic_arn)
     return {**control_env, "LAUNCH_TEMPLATE_ID": template_id, "TOPIC_ARN": topic_arn}
+
+
+@pytest.fixture(scope="session")
+def shared_service_models() -> Iterator[None]:
+    """Parse each botocore data file once per test session instead of once per client.
+
+    Every new boto3 session (``spotrun.aws`` makes one per client, and each test
+    resets them) re-reads and re-parses the service models, the EC2 one alone
+    megabytes of JSON; on these machines that is most of a function test's time.
+    The parsed data is read-only to botocore, and one loader already shares it
+    between its clients, so sharing it between loaders changes nothing else.
+    """
+    from botocore import loaders
+
+    original = loaders.Loader.load_data_with_path
+    cache: dict[tuple[str, tuple[str, ...]], Any] = {}
+
+    def load_once(self: loaders.Loader, name: str) -> Any:
+        key = (name, tuple(self.search_paths))
+        if key not in cache:
+            cache[key] = original(self, name)
+        return cache[key]
+
+    loaders.Loader.load_data_with_path = load_once
+    yield
+    loaders.Loader.load_data_with_path = original

@@ -21,6 +21,7 @@ them, FINDINGS.md) with :meth:`Cloud.refuse_capacity`.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import re
 import threading
@@ -102,6 +103,7 @@ class Cloud:
     # Tickets written by StartTrainerFunction, announced so the fake trainer need
     # not poll S3 (it still reads each ticket from S3, as the bootstrap does).
     ticket_listeners: list[queue.Queue] = field(default_factory=list)
+    _environment_lock: threading.Lock = field(default_factory=threading.Lock)
     refused: set[tuple[str, str, str]] = field(default_factory=set)  # (market, subnet, type)
 
     def reset(self) -> None:
@@ -123,8 +125,14 @@ class Cloud:
     def invoke(self, logical_id: str, event: dict[str, Any]) -> Any:
         """Call a handler as Lambda would: its environment applied, a fake context."""
         module, env = self.handler(logical_id)
-        for name, value in env.items():
-            self.monkeypatch.setenv(name, value)
+        # Only what differs: the handlers run on moto's interpreter thread while
+        # the fake trainer's boto3 calls read os.environ on another, and writing
+        # it under their feet is a race. The functions share Globals, so after
+        # the first invocation there is next to nothing to write.
+        with self._environment_lock:
+            for name, value in env.items():
+                if os.environ.get(name) != value:
+                    self.monkeypatch.setenv(name, value)
         return module.lambda_handler(event, FakeLambdaContext())
 
     def _on_invoke(self, params: dict[str, Any], **_: Any) -> tuple[AWSResponse, dict[str, Any]]:

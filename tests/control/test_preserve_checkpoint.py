@@ -18,7 +18,10 @@ from tests.control.function_helpers import (
     start_attempt,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore:No application metrics")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:No application metrics"),
+    pytest.mark.usefixtures("shared_service_models"),
+]
 
 
 def running_attempt(store: JobStore, ec2: Any, subnets: list[str]) -> dict[str, str]:

@@ -21,7 +21,10 @@ from tests.control.function_helpers import (
     sample,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore:No application metrics")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:No application metrics"),
+    pytest.mark.usefixtures("shared_service_models"),
+]
 
 
 @pytest.fixture

@@ -18,7 +18,10 @@ from tests.control.function_helpers import (
     sample,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore:No application metrics")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:No application metrics"),
+    pytest.mark.usefixtures("shared_service_models"),
+]
 
 
 def test_request_capacity_grants_a_tagged_spot_instance(

@@ -17,7 +17,10 @@ from tests.control.function_helpers import (
     ticket,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore:No application metrics")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:No application metrics"),
+    pytest.mark.usefixtures("shared_service_models"),
+]
 
 
 def test_start_trainer_writes_the_ticket_of_the_contract(

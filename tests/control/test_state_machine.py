@@ -27,7 +27,10 @@ from tests.control.statemachine_harness import (
     succeed,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore:No application metrics")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:No application metrics"),
+    pytest.mark.usefixtures("shared_service_models"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +57,9 @@ def run(
     try:
         arn = cloud.start(job_id, heartbeat_timeout_seconds=heartbeat_timeout_seconds)
         execution = cloud.wait(arn, timeout=timeout)
+    except AssertionError as timed_out:
+        states = cloud.entered_states(arn)
+        raise AssertionError(f"{timed_out}; states {states}; trainer {trainer.errors}") from None
     finally:
         trainer.stop()
     assert not trainer.errors, trainer.errors

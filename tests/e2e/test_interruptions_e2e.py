@@ -54,7 +54,7 @@ def test_three_interruptions_succeed_with_the_same_model_as_none(cloud, jobs, tm
     assert finished[interrupted]["status"] == "SUCCEEDED", _story(finished[interrupted])
     delivered = [fault for fault in cloud.chaos.delivered if fault.job_id == interrupted]
     assert [fault.kind for fault in delivered] == ["interrupt"] * 3
-    assert finished[interrupted]["interruptions"] == 3
+    assert finished[interrupted]["interruptions"] == 3, _story(finished[interrupted])
     assert len(finished[interrupted]["attempts"]) == 4
     timeline = JobTimeline.collect(interrupted, cloud.runner.instances.values(), delivered)
     for outcome in timeline.interruptions():

@@ -303,3 +303,17 @@ def test_checkpointer_empty_store_restores_none(tmp_path):
     with Checkpointer(LocalStore(tmp_path)) as ckpt:
         assert ckpt.restore() is None
         assert ckpt.latest_step() is None
+
+
+@pytest.mark.parametrize("content_hash", ["xxh3-128", "blake3"])
+def test_checkpointer_content_hash_is_recorded_and_used(tmp_path, content_hash):
+    state = {"w": torch.randn(5000), "b": torch.randn(3)}
+    with Checkpointer(LocalStore(tmp_path), content_hash=content_hash) as ckpt:
+        ckpt.save(1, state)
+    manifest = json.loads((tmp_path / "manifests" / f"{1:012d}.json").read_text())
+    assert manifest["hash"] == content_hash
+    width = {"xxh3-128": 32, "blake3": 64}[content_hash]
+    assert {len(p.name) for p in (tmp_path / "chunks").glob("*/*")} == {width}
+    # a checkpointer with the other default still restores it: the manifest says how
+    with Checkpointer(LocalStore(tmp_path)) as ckpt:
+        assert torch.equal(ckpt.restore().state["w"], state["w"])

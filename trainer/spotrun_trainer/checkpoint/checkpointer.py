@@ -17,7 +17,9 @@ import torch
 
 from . import codec as codecs
 from .chunking import (
+    CONTENT_HASHES,
     DEFAULT_CHUNK_BYTES,
+    DEFAULT_CONTENT_HASH,
     DEFAULT_PACK_BYTES,
     DEFAULT_SMALL_BYTES,
     ChunkObject,
@@ -114,7 +116,7 @@ class Checkpointer:
     2. stage: copy every tensor into reused CPU buffers (``save_async`` only; the only
        part that blocks training), tied tensors recorded once as aliases;
     3. split tensors into chunk objects (large tensors in chunks of ``chunk_bytes``,
-       small ones packed) and name each by the blake3 of its raw bytes;
+       small ones packed) and name each by the xxh3-128 of its raw bytes;
     4. write each chunk the sink does not hold yet (encoded with the sink's codec;
        local: temp file, fdatasync, rename), in parallel; then make them durable
        (``sync_chunks``: one fsync per touched folder);
@@ -157,6 +159,7 @@ class Checkpointer:
         small_bytes: int = DEFAULT_SMALL_BYTES,
         pack_bytes: int = DEFAULT_PACK_BYTES,
         workers: int | None = None,
+        content_hash: str = DEFAULT_CONTENT_HASH,
     ) -> None:
         if keep < 1:
             raise ValueError("keep must be at least 1")
@@ -165,10 +168,13 @@ class Checkpointer:
         stores = [primary] if mirror is None else [primary, mirror]
         self._sinks = [_Sink(s, s.default_codec if codec == "auto" else codec) for s in stores]
         self.keep = keep
+        if content_hash not in CONTENT_HASHES:
+            raise ValueError(f"unknown content hash {content_hash!r}; choose {CONTENT_HASHES}")
+        self._content_hash = content_hash
         self._chunk_bytes = chunk_bytes
         self._small_bytes = small_bytes
         self._pack_bytes = pack_bytes
-        # Threads, not processes: blake3, zstd, file I/O and torch copies release the GIL.
+        # Threads, not processes: hashing, zstd, file I/O and memcpy release the GIL.
         self._pool = futures.ThreadPoolExecutor(
             max_workers=workers or max(4, 2 * (os.cpu_count() or 1)),
             thread_name_prefix="ckpt-io",
@@ -245,6 +251,7 @@ class Checkpointer:
                 chunk_bytes=self._chunk_bytes,
                 small_bytes=self._small_bytes,
                 pack_bytes=self._pack_bytes,
+                algorithm=self._content_hash,
             )
             by_location: dict[str, int] = {}
             committed: list[str] = []
@@ -340,7 +347,9 @@ class Checkpointer:
             entries[name] = TensorEntry(
                 _dtype_name(st.dtype), tuple(st.shape), tuple(refs), plan.tensor_checksum(name)
             )
-        manifest = Manifest(step=step, tensors=entries, tree=tree, codec=sink.codec)
+        manifest = Manifest(
+            step=step, tensors=entries, tree=tree, codec=sink.codec, hash=plan.algorithm
+        )
         data = manifest.to_bytes()
         store.put_manifest(step, data)
         store.replace_pointer(pointer_bytes(step))  # COMMIT POINT
@@ -474,7 +483,12 @@ class Checkpointer:
                 )
                 pos += ref.length
             result[name] = dest
-        _results([self._pool.submit(self._read_chunk, sink, d, r) for d, r in reads.items()])
+        _results(
+            [
+                self._pool.submit(self._read_chunk, sink, d, r, manifest.hash)
+                for d, r in reads.items()
+            ]
+        )
         for name, entry in manifest.tensors.items():
             pieces = [(c.hash, c.offset, c.length) for c in entry.chunks]
             if entry.alias_of is None and tensor_checksum(pieces) != entry.checksum:
@@ -524,17 +538,17 @@ class Checkpointer:
         return torch.empty(shape, dtype=dtype)
 
     def _read_chunk(
-        self, sink: _Sink, digest: str, pieces: list[tuple[np.ndarray, int, int]]
+        self, sink: _Sink, digest: str, pieces: list[tuple[np.ndarray, int, int]], algorithm: str
     ) -> None:
         store = sink.store
         try:
             if len(pieces) == 1 and pieces[0][1] == 0:
                 dest = pieces[0][0]
                 store.read_chunk_into(digest, dest)
-                got = hash_bytes(dest)
+                got = hash_bytes(dest, algorithm=algorithm)
             else:
                 data = codecs.decode(store.get_chunk(digest))
-                got = hash_bytes(data)
+                got = hash_bytes(data, algorithm=algorithm)
                 for dest, offset, length in pieces:
                     dest[:] = data[offset : offset + length]
         except CorruptCheckpointError:

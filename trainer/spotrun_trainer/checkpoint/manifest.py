@@ -92,6 +92,7 @@ class Manifest:
     tensors: dict[str, TensorEntry]
     tree: dict[str, Any]
     codec: str
+    hash: str = "xxh3-128"  # the content hash naming (and verifying) the chunks
     created: float = field(default_factory=time.time)
 
     def chunk_hashes(self) -> set[str]:
@@ -104,6 +105,7 @@ class Manifest:
             "step": self.step,
             "created": self.created,
             "codec": self.codec,
+            "hash": self.hash,
             "tensors": {name: e.to_json() for name, e in self.tensors.items()},
             "tree": self.tree,
         }
@@ -132,6 +134,7 @@ class Manifest:
             tensors={n: TensorEntry.from_json(e) for n, e in body["tensors"].items()},
             tree=body["tree"],
             codec=str(body["codec"]),
+            hash=str(body["hash"]),
             created=float(body["created"]),
         )
 
