@@ -240,7 +240,9 @@ def log(message: str) -> None:
 # -- scenarios -------------------------------------------------------------------------
 
 
-def bench_local(state: dict[str, Any], root: Path, runs: int) -> dict[str, list[float]]:
+def bench_local(
+    state: dict[str, Any], root: Path, runs: int, train_step: Callable[[], None]
+) -> dict[str, list[float]]:
     tensors = unique_tensors(state)
     times: dict[str, list[float]] = {}
 
@@ -303,6 +305,9 @@ def bench_local(state: dict[str, Any], root: Path, runs: int) -> dict[str, list[
             for label, fn in savers[run % len(savers) :] + savers[: run % len(savers)]:
                 with scratch(root, label) as d:
                     fn(d, run + 1)
+            # As in a training loop, the async save follows an optimizer step (which
+            # changes the state in place), not the deletion of another saver's files.
+            train_step()
             info = async_ckpt.save_async(run + 1, state).wait()
             record("spotrun_async_stall", info.stall_seconds)
             # the stall floor: one memcpy of every tensor into warm buffers
@@ -380,7 +385,7 @@ def bench_s3(state: dict[str, Any], bf16_state: dict[str, Any]) -> dict[str, flo
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=int, default=GPT2_SMALL, help="model size")
-    parser.add_argument("--runs", type=int, default=3, help="runs per measurement")
+    parser.add_argument("--runs", type=int, default=5, help="runs per measurement (medians)")
     parser.add_argument("--dir", type=Path, default=None, help="where to write (a disk)")
     parser.add_argument(
         "--cold",
@@ -409,7 +414,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"cold reads by {COLD_METHOD}, {os.cpu_count()} cores, torch {torch.__version__}"
     )
 
-    times = bench_local(state, root, args.runs)
+    times = bench_local(state, root, args.runs, lambda: train(model, optimizer, 1, seed=7))
     m = {name: median(values) for name, values in times.items()}
     incremental = bench_incremental(args.params, root)
     bf16_state = {"model": {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}}
