@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pytest
 import torch
@@ -317,3 +318,23 @@ def test_checkpointer_content_hash_is_recorded_and_used(tmp_path, content_hash):
     # a checkpointer with the other default still restores it: the manifest says how
     with Checkpointer(LocalStore(tmp_path)) as ckpt:
         assert torch.equal(ckpt.restore().state["w"], state["w"])
+
+
+def test_checkpointer_restores_a_manifest_that_predates_the_hash_field(tmp_path):
+    # GIVEN a checkpoint whose manifest does not name its hash (written before the field
+    # existed, when every chunk was named by blake3)
+    state = {"w": torch.randn(5000)}
+    with Checkpointer(LocalStore(tmp_path), content_hash="blake3") as ckpt:
+        ckpt.save(1, state)
+    path = tmp_path / "manifests" / f"{1:012d}.json"
+    body = json.loads(path.read_text())
+    del body["checksum"], body["hash"]
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    body["checksum"] = blake3.blake3(canonical.encode()).hexdigest()
+    path.write_text(json.dumps(body))
+    # WHEN it is restored by a checkpointer whose default is xxh3-128
+    with Checkpointer(LocalStore(tmp_path)) as ckpt:
+        restored = ckpt.restore()
+    # THEN its chunks verify as blake3 ones
+    assert restored is not None and restored.skipped == []
+    assert torch.equal(restored.state["w"], state["w"])

@@ -23,8 +23,8 @@ DEFAULT_PACK_BYTES = 8 << 20
 _FLOATS = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
 
 
-# Chunks are named by xxh3-128 of their raw bytes: 4.5x less CPU than blake3 here
-# (17 vs 3.8 GB/s per core, measured), which matters because hashing every byte is the
+# Chunks are named by xxh3-128 of their raw bytes: 4-6x less CPU than blake3 here
+# (17-27 vs 3.8-4.7 GB/s on one core, measured), which matters because hashing every byte is the
 # checkpointer's main CPU cost and these cores are shared with training. 128 bits keep
 # accidental collisions out of reach; chunk integrity is checked against the same hash.
 CONTENT_HASHES = ("xxh3-128", "blake3")

@@ -134,7 +134,8 @@ class Manifest:
             tensors={n: TensorEntry.from_json(e) for n, e in body["tensors"].items()},
             tree=body["tree"],
             codec=str(body["codec"]),
-            hash=str(body["hash"]),
+            # manifests from before the hash was recorded name their chunks by blake3
+            hash=str(body.get("hash", "blake3")),
             created=float(body["created"]),
         )
 
