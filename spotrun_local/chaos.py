@@ -99,10 +99,15 @@ class Chaos:
         job_id: str | None,
         faults: list[Fault] | None = None,
         random_rate_per_minute: float | None = None,
+        seed: int | None = None,
     ) -> None:
-        """Aim at ``job_id`` and (re)start the clock of ``at_seconds`` faults."""
+        """Aim at ``job_id`` and (re)start the clock of ``at_seconds`` faults; ``seed``
+        restarts the random interruptions' generator."""
         with self._lock:
             self.job_id = job_id
+            if seed is not None:
+                self.seed = seed
+                self._random = random.Random(seed)
             if faults is not None:
                 self.faults = list(faults)
             if random_rate_per_minute is not None:

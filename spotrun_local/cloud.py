@@ -69,15 +69,22 @@ class CloudConfig:
     keep_root: bool = False
 
     def trainer_environment(self) -> dict[str, str]:
-        """``instance_environment``, plus an IMDS poll scaled with the notice period.
+        """``instance_environment``, plus an IMDS poll scaled with the notice period and
+        a step line for every step.
 
         On AWS the trainer polls every 2 s against a 120 s notice; a demo's 6 s notice
         polled every 2 s would spend a third of the notice unseen, and a job may finish
-        before it notices. Keep the same proportion (bounded to 0.25-2 s) unless the
-        environment names its own poll.
+        before it notices. Keep the same proportion (bounded to 0.25-2 s). The local
+        cloud follows training through the step lines: chaos fires at a step, and
+        steps lost and recovery are measured from them, so it needs every one (the
+        trainer logs every 10th by default). ``instance_environment`` wins over both.
         """
         poll = min(2.0, max(0.25, self.notice_seconds / 60.0))
-        return {"SPOTRUN_NOTICE_POLL_SECONDS": f"{poll:g}", **self.instance_environment}
+        return {
+            "SPOTRUN_NOTICE_POLL_SECONDS": f"{poll:g}",
+            "SPOTRUN_LOG_EVERY": "1",
+            **self.instance_environment,
+        }
 
 
 class LocalCloud:

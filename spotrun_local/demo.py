@@ -137,11 +137,11 @@ class LiveView:
 
 def run_demo(options: DemoOptions, stream: TextIO = sys.stdout) -> dict[str, Any]:
     """Run the demo; return the summary (also written to ``options.out``)."""
-    faults = options.faults
-    if faults is None:
-        faults = spread_interruptions(options.interruptions, options.steps)
     spec = job_spec(options)
     total_steps = int(spec["environment"]["SPOTRUN_EXAMPLE_STEPS"])
+    faults = options.faults
+    if faults is None:
+        faults = spread_interruptions(options.interruptions, total_steps)
     view = LiveView(total_steps, stream)
     view.event("starting the local cloud (moto on 127.0.0.1, template.yaml deployed) ...")
     with LocalCloud(cloud_config(options)) as cloud:
@@ -157,7 +157,7 @@ def run_demo(options: DemoOptions, stream: TextIO = sys.stdout) -> dict[str, Any
             raise RuntimeError(f"POST /jobs refused the job: {response.status} {response.body}")
         job_id = _job_id(response.body)
         view.event(f"submitted job {job_id} through POST /jobs ({total_steps} steps)")
-        cloud.chaos.arm(job_id, faults, options.random_rate_per_minute)
+        cloud.chaos.arm(job_id, faults, options.random_rate_per_minute, seed=options.seed)
         job = _follow(cloud, job_id, view, options.timeout_seconds, started)
         wall = time.time() - started
         view.event(f"job {job_id}: {job.get('status')} after {wall:.1f}s")

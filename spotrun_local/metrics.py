@@ -84,11 +84,25 @@ class JobTimeline:
                 continue
             outcome = InterruptionOutcome(fault.kind, fault.instance_id, fault.time, fault.step)
             own = [line for line in self.lines if line.instance_id == fault.instance_id]
-            for line in own:
+            after = [line for line in own if line.received >= fault.time]
+            # The checkpoint the notice made: the one the trainer reported, or failing
+            # a report, the first at or past the step reached. An interval save that
+            # was in flight at the notice commits an older step first; it is not it.
+            report = next(
+                (
+                    line
+                    for line in after
+                    if line.event.get("event") == "report"
+                    and line.event.get("checkpoint_step") is not None
+                ),
+                None,
+            )
+            target = int(report.event["checkpoint_step"]) if report else (fault.step or 0)
+            for line in after:
                 if (
-                    line.received >= fault.time
-                    and line.event.get("event") == "checkpoint"
+                    line.event.get("event") == "checkpoint"
                     and line.event.get("durable", True)
+                    and int(line.event["step"]) >= target
                 ):
                     outcome.time_to_safe_seconds = line.received - fault.time
                     outcome.safe_step = int(line.event["step"])

@@ -215,9 +215,17 @@ mount_volume() {  # <role> <volume_id> <device> <mount_point> <format_if_empty> 
   local real options
   real="$(find_device "$volume_id" "$device")" ||
     die "$role volume $volume_id is not attached (no NVMe id, no $device)"
-  if [[ "$format" == true ]] && ! blkid -p "$real" >/dev/null 2>&1; then
-    log "formatting empty $role volume $volume_id ($real) as ext4"
-    mkfs.ext4 -q -L "spotrun-$role" "$real"
+  if [[ "$format" == true ]]; then
+    # blkid -p exits 2 only when it found no signature at all; any other failure
+    # (ambiguous probe, I/O error) must not be taken for "empty" and wipe a checkpoint.
+    local probe=0
+    blkid -p "$real" >/dev/null 2>&1 || probe=$?
+    if (( probe == 2 )); then
+      log "formatting empty $role volume $volume_id ($real) as ext4"
+      mkfs.ext4 -q -L "spotrun-$role" "$real"
+    elif (( probe != 0 )); then
+      die "cannot tell whether $role volume $volume_id ($real) is empty (blkid -p status $probe)"
+    fi
   fi
   mkdir -p "$target"
   if mountpoint -q "$target"; then

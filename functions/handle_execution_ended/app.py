@@ -44,6 +44,8 @@ def dependencies() -> dict[str, Any]:
     return {
         "store": JobStore(os.environ["JOBS_TABLE"], dynamodb_client=aws.client("dynamodb")),
         "ec2_client": aws.client("ec2"),
+        "sns_client": aws.client("sns"),
+        "topic_arn": os.environ.get("TOPIC_ARN"),
     }
 
 

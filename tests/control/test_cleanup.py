@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
+import boto3
 import pytest
 from botocore.stub import Stubber
 
@@ -244,6 +246,34 @@ def test_settle_ended_execution_releases_and_settles(
     assert reason_part in record.reason
     assert record.task_token is None and record.current_instance_id is None
     assert result["status"] == expected.value
+
+
+def test_settle_ended_execution_announces_the_outcome_once(ec2, store: JobStore):
+    # GIVEN a running job and an outcomes topic with a queue subscribed
+    sns = boto3.client("sns", region_name="us-east-1")
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    topic = sns.create_topic(Name="outcomes")["TopicArn"]
+    url = sqs.create_queue(QueueName="outbox")["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])
+    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=queue_arn["Attributes"]["QueueArn"])
+    store.create(JobRecord(job_id=JOB, status=JobStatus.RUNNING))
+    # WHEN its execution is aborted, and the event is delivered twice
+    for _ in range(2):
+        settle_ended_execution(
+            job_id=JOB,
+            execution_status="ABORTED",
+            error=None,
+            cause=None,
+            store=store,
+            ec2_client=ec2,
+            sns_client=sns,
+            topic_arn=topic,
+        )
+    # THEN subscribers hear of the cancellation once
+    messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10).get("Messages", [])
+    assert len(messages) == 1
+    outcome = json.loads(json.loads(messages[0]["Body"])["Message"])
+    assert (outcome["job_id"], outcome["status"]) == (JOB, "CANCELLED")
 
 
 def test_settle_ended_execution_keeps_a_terminal_status(ec2, store: JobStore):

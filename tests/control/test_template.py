@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -194,10 +195,13 @@ def test_template_iam_least_privilege() -> None:
             "ec2:DetachVolume",
             "ec2:DeleteVolume",
             "ec2:DeleteSnapshot",
+            "ec2:CreateSnapshot",
+            "ec2:CancelSpotInstanceRequests",
         }
         if mutations & set(actions):
             condition = json.dumps(statement.get("Condition", {}))
-            assert "aws:ResourceTag/spotrun:managed" in condition, owner
+            # an existing resource by its tag, a new one (a snapshot) by the tag it gets
+            assert re.search(r"aws:(Resource|Request)Tag/spotrun:managed", condition), owner
         if "iam:PassRole" in actions:
             assert statement["Resource"] == {"Fn::GetAtt": ["TrainerRole", "Arn"]}
 
@@ -253,3 +257,9 @@ def test_template_api_is_iam_authorized_and_validates() -> None:
         ("delete", "/jobs/{job_id}"),
     }
     assert events["PostJob"]["Properties"]["RequestModel"]["ValidateBody"] is True
+    # and a body the gateway refuses is answered with the reason, in the API's error shape
+    refused = api["GatewayResponses"]["BAD_REQUEST_BODY"]
+    assert refused["StatusCode"] == "400"
+    body = refused["ResponseTemplates"]["application/json"]
+    assert "$context.error.validationErrorString" in body
+    assert json.loads(body.replace("$context.error.validationErrorString", "x"))["errors"]

@@ -16,6 +16,7 @@ from botocore.exceptions import ClientError, WaiterError
 
 from spotrun import tags
 from spotrun.errors import JobConflictError, JobNotFoundError
+from spotrun.finalize import notify_outcome
 from spotrun.jobs import JobStore
 from spotrun.status import JobStatus
 
@@ -80,7 +81,7 @@ def release_job_resources(
     """
     report = ReleaseReport(job_id)
     instance_ids = _live_instances(ec2_client, job_id)
-    _cancel_spot_requests(ec2_client, job_id, instance_ids, report)
+    _cancel_spot_requests(ec2_client, job_id, report)
     if instance_ids:
         _ignore_gone(lambda: ec2_client.terminate_instances(InstanceIds=instance_ids))
         report.terminated_instances = instance_ids
@@ -101,20 +102,14 @@ def _live_instances(ec2_client: Any, job_id: str) -> list[str]:
     return sorted(instance_ids)
 
 
-def _cancel_spot_requests(
-    ec2_client: Any, job_id: str, instance_ids: list[str], report: ReleaseReport
-) -> None:
+def _cancel_spot_requests(ec2_client: Any, job_id: str, report: ReleaseReport) -> None:
+    # Only requests tagged as the job's: IAM lets us cancel nothing else. The one-time
+    # requests of an instant EC2 Fleet carry no tags of ours and need no cancelling:
+    # they close by themselves when their instance is terminated.
     state = {"Name": "state", "Values": _OPEN_SPOT_REQUEST_STATES}
-    # Requests made by EC2 Fleet carry no tags of ours; find those by their instance.
-    queries = [[*job_filters(job_id), state]]
-    if instance_ids:
-        queries.append([{"Name": "instance-id", "Values": instance_ids}, state])
-    request_ids: set[str] = set()
-    for filters in queries:
-        response = ec2_client.describe_spot_instance_requests(Filters=filters)
-        request_ids.update(r["SpotInstanceRequestId"] for r in response["SpotInstanceRequests"])
-    if request_ids:
-        ids = sorted(request_ids)
+    response = ec2_client.describe_spot_instance_requests(Filters=[*job_filters(job_id), state])
+    ids = sorted(r["SpotInstanceRequestId"] for r in response["SpotInstanceRequests"])
+    if ids:
         _ignore_gone(lambda: ec2_client.cancel_spot_instance_requests(SpotInstanceRequestIds=ids))
         report.cancelled_spot_requests = ids
 
@@ -211,6 +206,8 @@ def settle_ended_execution(
     cause: str | None,
     store: JobStore,
     ec2_client: Any,
+    sns_client: Any = None,
+    topic_arn: str | None = None,
 ) -> dict[str, Any]:
     """After an execution ended abnormally: release all of the job, then settle its record.
 
@@ -218,7 +215,8 @@ def settle_ended_execution(
     TIMED_OUT and FAILED as FAILED with the error and cause as the reason. Resources
     go first, so a crash in between leaves a record that is not yet terminal and a
     redelivered event (or the sweeper) finishes the work. A record that is already
-    terminal keeps its status.
+    terminal keeps its status. The outcome is published on ``topic_arn`` by the call
+    that ends the job, as finalize_job does for the jobs that end on their own path.
     """
     if execution_status not in ENDED_STATUSES:
         return {"job_id": job_id, "ignored": True, "execution_status": execution_status}
@@ -234,11 +232,14 @@ def settle_ended_execution(
         reason = "execution failed: " + ": ".join(part for part in (error, cause) if part)
     result: dict[str, Any] = {"job_id": job_id, "release": report.to_dict()}
     try:
+        ended_before = store.get(job_id).status.is_terminal()
         record = store.set_status(job_id, status, reason=reason[:MAX_REASON_CHARS])
         if record.status is status and (record.task_token or record.current_instance_id):
             # Nothing runs any more: the token is dead and the instance is gone.
             record = store.update(job_id, set={"task_token": None, "current_instance_id": None})
         result["status"] = record.status.value
+        if not ended_before:  # a redelivered event must not announce it twice
+            notify_outcome(record, sns_client=sns_client, topic_arn=topic_arn)
     except JobConflictError as exc:
         result["status"] = exc.status  # ended by its own path first (finalize_job)
     except JobNotFoundError:

@@ -78,7 +78,7 @@ def finalize_job(
         )
     except JobConflictError:
         record = store.get(job_id)
-    _notify(record, sns_client=sns_client, topic_arn=topic_arn)
+    notify_outcome(record, sns_client=sns_client, topic_arn=topic_arn)
     return {"status": record.status.value, "reason": record.reason}
 
 
@@ -99,8 +99,10 @@ def notification(record: JobRecord) -> dict[str, Any]:
     }
 
 
-def _notify(record: JobRecord, *, sns_client: Any, topic_arn: str | None) -> None:
-    if not topic_arn:
+def notify_outcome(record: JobRecord, *, sns_client: Any, topic_arn: str | None) -> None:
+    """Publish the job's outcome on the topic (nothing without a topic); never raises
+    for SNS."""
+    if not topic_arn or sns_client is None:
         return
     try:
         sns_client.publish(
