@@ -126,3 +126,27 @@ def test_preserve_checkpoint_never_moves_the_step_back(
     )
     assert result["checkpoint_step"] == 500
     assert store.get(JOB_ID).checkpoint["step"] == 500
+
+
+@pytest.mark.parametrize(("cost_cap_usd", "outcome"), [(None, "interrupted"), (0.01, "timed-out")])
+def test_preserve_checkpoint_run_timeout_counts_the_running_attempts_cost(
+    execution_env: dict,
+    store: JobStore,
+    ec2: Any,
+    lambda_context: Any,
+    subnets: list[str],
+    cost_cap_usd: float | None,
+    outcome: str,
+) -> None:
+    # GIVEN an attempt running since 09:00 at $0.50/h, not yet on the cost ledger
+    create_job(store, cost_cap_usd=cost_cap_usd)
+    attempt = running_attempt(store, ec2, subnets)
+    assert store.get(JOB_ID).cost_usd == 0
+    # WHEN Run Trainer times out (States.Timeout: moto's heartbeat timeout, or the
+    # TimeoutSecondsPath set from the cost cap)
+    event = event_for("heartbeat_timeout", attempt)
+    event["failure"] = {"Error": "States.Timeout", "Cause": None}
+    result = load_handler("preserve_checkpoint").lambda_handler(event, lambda_context)
+    # THEN with a cap that the running attempt has spent, it is the cap, not a loss
+    assert result["outcome"] == outcome
+    assert store.get(JOB_ID).interruptions == (1 if outcome == "interrupted" else 0)

@@ -232,7 +232,10 @@ def test_state_machine_refused_instance_type_uses_the_next_type(cloud: Cloud) ->
     job_id = cloud.create_job()
     execution, _ = run(cloud, job_id, [succeed()])
     assert execution["status"] == "SUCCEEDED"
-    assert cloud.store.get(job_id).attempts[0]["instance_type"] == "g6.xlarge"
+    record = cloud.store.get(job_id)
+    assert record.status is JobStatus.SUCCEEDED
+    assert record.attempts[0]["instance_type"] == "g6.xlarge"
+    assert_nothing_left(cloud, job_id)
 
 
 def test_state_machine_no_spot_anywhere_falls_back_to_on_demand(cloud: Cloud) -> None:
@@ -322,6 +325,7 @@ def test_state_machine_deadline_fails(cloud: Cloud) -> None:
 
     assert execution["status"] == "FAILED"
     record = cloud.store.get(job_id)
+    assert record.status is JobStatus.FAILED
     assert record.reason.startswith("Budget.Exhausted: deadline")
     assert_nothing_left(cloud, job_id)
 
@@ -335,6 +339,7 @@ def test_state_machine_cost_cap_fails(cloud: Cloud) -> None:
 
     assert execution["status"] == "FAILED"
     record = cloud.store.get(job_id)
+    assert record.status is JobStatus.FAILED
     assert record.reason.startswith("Budget.Exhausted: cost cap $0.50 reached")
     assert_nothing_left(cloud, job_id)
 

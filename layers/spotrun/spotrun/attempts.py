@@ -83,7 +83,10 @@ def preserve_checkpoint(
     error = str(failure.get("Error") or "")
     cause = parse_cause(failure.get("Cause"))
     outcome = _OUTCOME_OF_ERROR.get(error, budget.INTERRUPTED)
-    if outcome == budget.TIMED_OUT and budget.exhausted(record, spec, now=now) is None:
+    if (
+        outcome == budget.TIMED_OUT
+        and budget.exhausted(record, spec, now=now, open_cost_usd=_open_cost(record, now)) is None
+    ):
         outcome = budget.INTERRUPTED  # moto's heartbeat timeout, not a limit
 
     stored = dict(record.checkpoint or {})
@@ -347,6 +350,16 @@ def _detach(volume_id: str, instance_id: str, *, ec2_client: Any) -> None:
         code = exc.response.get("Error", {}).get("Code")
         if code not in ("IncorrectState", "InvalidAttachment.NotFound", "InvalidVolume.NotFound"):
             raise
+
+
+def _open_cost(record: JobRecord, now: datetime) -> float:
+    """What the attempts not yet released have cost up to ``now``."""
+    ended_at = now.isoformat()
+    return sum(
+        pricing.attempt_cost(entry.get("price_per_hour"), entry["started_at"], ended_at)
+        for entry in record.attempts
+        if not entry.get("ended_at") and entry.get("started_at")
+    )
 
 
 def _close_attempts(store: JobStore, job_id: str, attempt: int | None, outcome: str) -> JobRecord:

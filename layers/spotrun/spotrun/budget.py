@@ -53,12 +53,19 @@ def verdict(record: JobRecord, spec: JobSpec, outcome: str, *, now: datetime) ->
     return Verdict(True)
 
 
-def exhausted(record: JobRecord, spec: JobSpec, *, now: datetime) -> str | None:
-    """The hard limit the job has reached (deadline, cost cap), or None."""
+def exhausted(
+    record: JobRecord, spec: JobSpec, *, now: datetime, open_cost_usd: float = 0.0
+) -> str | None:
+    """The hard limit the job has reached (deadline, cost cap), or None.
+
+    ``open_cost_usd`` is what attempts still running have cost so far: the ledger
+    (``record.cost_usd``) has an attempt only once it is released.
+    """
     if spec.deadline is not None and now >= spec.deadline:
         return f"deadline {spec.deadline.isoformat()} passed"
-    if spec.cost_cap_usd is not None and record.cost_usd >= spec.cost_cap_usd:
-        return f"cost cap ${spec.cost_cap_usd:.2f} reached (${record.cost_usd:.2f} spent)"
+    spent = record.cost_usd + open_cost_usd
+    if spec.cost_cap_usd is not None and spent >= spec.cost_cap_usd:
+        return f"cost cap ${spec.cost_cap_usd:.2f} reached (${spent:.2f} spent)"
     return None
 
 
