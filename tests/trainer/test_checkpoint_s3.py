@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import threading
+
 import torch
 
 from spotrun_trainer.checkpoint import Checkpointer, LocalStore, S3Store
@@ -107,3 +110,56 @@ def test_checkpointer_mirror_failure_keeps_the_volume_commit(tmp_path, ckpt_s3):
         restored = ckpt.restore()
     assert info.location == "volume" and "NoSuchBucket" in info.mirror_error
     assert restored.step == 1 and restored.location == "volume"
+
+
+class _GatedS3Store(S3Store):
+    """An S3 mirror whose chunk uploads wait at a gate: an upload still in progress."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.uploads = 0
+
+    def put_chunk(self, digest, parts):
+        self.started.set()
+        self.gate.wait(timeout=30)
+        self.uploads += 1
+        return super().put_chunk(digest, parts)
+
+
+def test_checkpointer_hurry_stops_the_mirror_and_commits_the_volume_first(
+    tmp_path, ckpt_s3, ckpt_make_state
+):
+    # GIVEN a mirrored checkpointer with step 1 on both sinks, and step 2's async save
+    # stuck uploading many chunks to S3 when the spot notice comes
+    client, bucket = ckpt_s3
+    mirror = _GatedS3Store(f"s3://{bucket}/m/", s3_client=client)
+    state = {f"t{i}": torch.randn(64, 64) for i in range(16)}
+    with Checkpointer(
+        LocalStore(tmp_path), mirror=mirror, small_bytes=1, chunk_bytes=1 << 12, workers=2
+    ) as ckpt:
+        mirror.gate.set()
+        ckpt.save(1, state)
+        mirror.gate.clear()
+        uploads_of_step_1 = mirror.uploads
+        for t in state.values():
+            t.add_(1.0)
+        handle = ckpt.save_async(2, state)
+        assert mirror.started.wait(timeout=30)
+        # WHEN the notice hurries the checkpointer, and the upload's gate opens
+        ckpt.hurry()
+        mirror.gate.set()
+        in_flight = handle.wait(timeout=60)
+        notice = ckpt.save(3, state)
+    # THEN step 2 is committed on the volume only, its upload stopped short,
+    assert in_flight.location == "volume" and "spot notice" in in_flight.mirror_error
+    assert mirror.uploads - uploads_of_step_1 < len(state) * 4
+    # the notice's step 3 went to the volume alone, at once,
+    assert notice.location == "volume" and notice.mirror_error
+    # and S3 still holds its last whole checkpoint, step 1
+    pointer = client.get_object(Bucket=bucket, Key="m/LATEST")["Body"].read()
+    assert json.loads(pointer)["step"] == 1
+    fresh_mirror = S3Store(f"s3://{bucket}/m/", s3_client=client)
+    with Checkpointer(LocalStore(tmp_path), mirror=fresh_mirror) as ckpt:
+        assert ckpt.restore().step == 3

@@ -165,8 +165,10 @@ def test_session_user_error_reports_trainer_failed_with_the_committed_step(
     assert "ValueError: boom at step 5" in cause["error"]
 
 
-def test_session_stop_notice_with_an_s3_mirror_reports_s3(tmp_path, moto_server, capsys):
-    # GIVEN a ticket whose checkpoints are mirrored to S3
+def test_session_stop_notice_with_an_s3_mirror_commits_the_volume_first(
+    tmp_path, moto_server, capsys
+):
+    # GIVEN a ticket whose checkpoints are mirrored to S3, and step 2 saved on both
     s3 = boto3.client("s3", region_name="us-east-1", endpoint_url=moto_server)
     s3.create_bucket(Bucket="mirror")
     base = Ticket.standalone(tmp_path / "ckpt")
@@ -180,14 +182,19 @@ def test_session_stop_notice_with_an_s3_mirror_reports_s3(tmp_path, moto_server,
     # WHEN a stop notice comes at step 3
     with pytest.raises(Interrupted), session:
         session.restore(model=model)
+        session.save(2, block=True)
         session.watcher.deliver(Notice("sigterm", time.time()))
         if session.should_checkpoint(3):
             session.save(3)
-    # THEN step 3 is committed in S3 too, and the report says so
+    # THEN step 3 is committed on the volume without waiting for S3 (the control plane
+    # snapshots the volume), S3 keeps step 2, and the report names the volume
     pointer = json.loads(s3.get_object(Bucket="mirror", Key="checkpoints/j/LATEST")["Body"].read())
-    assert pointer["step"] == 3
+    assert pointer["step"] == 2
     lines = _lines(capsys)
-    assert [x["location"] for x in lines if x["event"] == "checkpoint"] == ["s3"]
+    saved = [(x["step"], x["location"]) for x in lines if x["event"] == "checkpoint"]
+    assert saved == [(2, "s3"), (3, "volume")]
+    report = next(x for x in lines if x["event"] == "report")
+    assert report["checkpoint_step"] == 3
 
 
 def test_session_loop_that_stops_on_interrupted_still_reports(tmp_path, capsys):

@@ -358,10 +358,14 @@ class Session:
         )
 
     def _save_on_notice(self, step: int) -> None:
+        # The volume commit is what the notice needs; an S3 upload in progress (of the
+        # in-flight save) stops, and this step is not mirrored: the control plane
+        # snapshots the volume, and restore prefers the newer volume checkpoint.
+        self.checkpointer.hurry()
         self._wait_inflight()
         if self.committed_step != step:
             try:
-                self._committed(self.checkpointer.save(step, self._state(step)))
+                self._committed(self.checkpointer.save(step, self._state(step), mirror=False))
             except Exception:
                 # The job can still resume from the previous checkpoint: say so.
                 log.exception("saving step %d on the notice failed", step)

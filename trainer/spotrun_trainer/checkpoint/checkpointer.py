@@ -188,11 +188,16 @@ class Checkpointer:
         self._api_lock = threading.RLock()
         self._in_flight: SaveHandle | None = None
         self._closed = False
+        # Set by hurry(): mirror work stops, so the primary commit of a notice's save
+        # does not queue behind an upload.
+        self._hurry = threading.Event()
 
     # saving -------------------------------------------------------------------------
 
-    def save(self, step: int, state: Mapping[Any, Any]) -> CommitInfo:
-        """Save synchronously; returns once the checkpoint is durable on every sink."""
+    def save(self, step: int, state: Mapping[Any, Any], *, mirror: bool = True) -> CommitInfo:
+        """Save synchronously; returns once the checkpoint is durable on every sink
+        (on the primary alone with ``mirror=False``: the CommitInfo then says so in
+        ``mirror_error``)."""
         start = time.perf_counter()
         with self._api_lock:
             self._check_open()
@@ -200,7 +205,19 @@ class Checkpointer:
             tensors, tree = flatten(state)
             # The caller is blocked until the end, so its own memory is written directly.
             staged, aliases = self._staging.stage(tensors, copy=False)
-            return self._write(step, staged, aliases, tree, tensors, start, stall=None)
+            return self._write(
+                step, staged, aliases, tree, tensors, start, stall=None, mirror=mirror
+            )
+
+    def hurry(self) -> None:
+        """Put the primary first from now on: mirror uploads stop (the in-flight save's
+        too, between chunks) and saves commit to the primary only.
+
+        For a spot notice: the volume commit is what must happen inside the notice,
+        and the control plane snapshots the volume; the mirror keeps its last
+        committed checkpoint, which restore passes over for the newer one.
+        """
+        self._hurry.set()
 
     def save_async(self, step: int, state: Mapping[Any, Any]) -> SaveHandle:
         """Stage the state and write it in the background; blocks only while staging
@@ -244,6 +261,7 @@ class Checkpointer:
         originals: dict[str, torch.Tensor],
         start: float,
         stall: float | None,
+        mirror: bool = True,
     ) -> CommitInfo:
         try:
             plan = plan_chunks(
@@ -257,6 +275,9 @@ class Checkpointer:
             committed: list[str] = []
             mirror_error = None
             for i, sink in enumerate(self._sinks):
+                if i > 0 and (not mirror or self._hurry.is_set()):
+                    mirror_error = "not mirrored: the primary commit came first (spot notice)"
+                    continue
                 try:
                     written = self._commit(sink, step, plan, staged, aliases, originals, tree)
                 except Exception as error:
@@ -294,6 +315,8 @@ class Checkpointer:
         self, sink: _Sink, obj: ChunkObject, listing: dict[str, int] | None
     ) -> tuple[str, int, int]:
         """Store one chunk unless the sink holds it; returns (codec, stored length, written)."""
+        if sink is not self._sinks[0] and self._hurry.is_set():
+            raise CheckpointError("mirror upload stopped: a spot notice came first")
         digest = obj.ensure_digest()
         store = sink.store
         if digest not in sink.suspect:
