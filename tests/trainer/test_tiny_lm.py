@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from spotrun_trainer.examples import tiny_lm
@@ -35,3 +36,18 @@ def test_tiny_lm_model_loss_starts_near_uniform():
     loss = model(tokens[:, :-1], tokens[:, 1:]).item()
     assert abs(loss - math.log(len(vocab))) < 1.0
     assert len(text) > 3000  # the shipped corpus
+
+
+def test_tiny_lm_scaler_state_moves_between_instance_types():
+    # GIVEN the scaler state of a run without loss scaling (CPU, or bf16 on a GPU)
+    state = tiny_lm.PortableScaler(torch.amp.GradScaler("cpu", enabled=False)).state_dict()
+    assert state == {}
+    # WHEN it is resumed where a scaler is on (fp16 on a T4; the CPU one stands in here,
+    # and torch refuses an empty state for it just the same)
+    enabled = torch.amp.GradScaler("cpu", enabled=True)
+    with pytest.raises(RuntimeError, match="empty"):
+        enabled.load_state_dict(state)
+    resumed = tiny_lm.PortableScaler(enabled)
+    resumed.load_state_dict(state)
+    # THEN the scaler keeps its defaults instead of failing the job
+    assert resumed.scaler.is_enabled() and resumed.scaler.get_scale() == 65536.0

@@ -139,6 +139,26 @@ class TinyLM(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
+class PortableScaler:
+    """The grad scaler's state, portable across instance types.
+
+    A checkpoint from a run without loss scaling (CPU, or a GPU with bf16) holds an
+    empty scaler state; resumed on an fp16-only GPU (a T4, say), torch refuses to
+    load it into an enabled scaler. Such a resume starts from the default scale, as
+    a new run would; the other way round, a disabled scaler ignores the state.
+    """
+
+    def __init__(self, scaler: torch.amp.GradScaler) -> None:
+        self.scaler = scaler
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state)
+
+
 class EarlyStopping:
     """Stops after ``patience`` evaluations without a better validation loss."""
 
@@ -237,7 +257,7 @@ def main() -> int:
             model=model,
             optimizer=optimizer,
             scheduler=scheduler,
-            scaler=scaler,
+            scaler=PortableScaler(scaler),
             data=sampler,
             early_stopping=early,
         )
