@@ -5,7 +5,9 @@ route's function; the function's ``{statusCode, headers, body}`` becomes the
 response. Routes with ``AWS_IAM`` auth need a SigV4 ``Authorization`` header
 (as API Gateway, it answers 403 without one); the signature is not verified,
 and ``requestContext.identity`` is filled from its access key the way IAM
-authorization fills it.
+authorization fills it. A route that validates its body checks it against the
+API's model (JSON Schema draft 4, as API Gateway) before the function runs, and
+answers a refused body with the API's ``BAD_REQUEST_BODY`` gateway response.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import jsonschema
+
 from spotrun_local.aws import ACCOUNT_ID
 from spotrun_local.deploy import ApiRoute
 from spotrun_local.lambdas import FunctionPool
 
 log = logging.getLogger(__name__)
 
-STAGE = "Prod"
 _CREDENTIAL = re.compile(r"Credential=([^/,\s]+)/")
 
 
@@ -103,8 +106,8 @@ def proxy_event(
             "resourceId": "local",
             "resourcePath": route.path,
             "httpMethod": method,
-            "path": f"/{STAGE}{unquote(split.path)}",
-            "stage": STAGE,
+            "path": f"/{route.stage}{unquote(split.path)}",
+            "stage": route.stage,
             "protocol": "HTTP/1.1",
             "domainName": headers.get("Host", "127.0.0.1"),
             "requestId": str(uuid.uuid4()),
@@ -173,6 +176,10 @@ class RestApiServer:
                 {"Content-Type": "application/json"},
                 b'{"message":"Missing Authentication Token"}',
             )
+        if route.body_schema is not None:
+            refused = _validate_body(route, body)
+            if refused is not None:
+                return refused
         event = proxy_event(
             route,
             method,
@@ -202,6 +209,34 @@ class RestApiServer:
         payload = answer.get("body") or ""
         data = base64.b64decode(payload) if answer.get("isBase64Encoded") else payload.encode()
         return int(answer["statusCode"]), out_headers, data
+
+
+def _validate_body(route: ApiRoute, body: bytes) -> tuple[int, dict[str, str], bytes] | None:
+    """API Gateway's request validation of the body; the refusal, or None to go on."""
+    assert route.body_schema is not None
+    try:
+        document = json.loads(body or b"null")
+    except ValueError as error:
+        problems = [f"Invalid JSON in the request body: {error}"]
+    else:
+        validator = jsonschema.Draft4Validator(route.body_schema)
+        problems = [
+            f"{'/'.join(str(p) for p in problem.path) or 'body'}: {problem.message}"
+            for problem in sorted(validator.iter_errors(document), key=lambda e: list(e.path))
+        ]
+    if not problems:
+        return None
+    text = "[" + ", ".join(problems) + "]"
+    response = route.bad_body_response or {}
+    template = (response.get("ResponseTemplates") or {}).get("application/json")
+    if template is None:
+        data = json.dumps({"message": "Invalid request body"}).encode()
+    else:
+        # API Gateway substitutes the variable as it is; escape it so the body stays JSON.
+        escaped = json.dumps(text)[1:-1]
+        data = template.replace("$context.error.validationErrorString", escaped).encode()
+    status = int(response.get("StatusCode") or 400)
+    return status, {"Content-Type": "application/json"}, data
 
 
 def _handler_for(api: RestApiServer) -> type[BaseHTTPRequestHandler]:

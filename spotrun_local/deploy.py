@@ -68,6 +68,11 @@ class ApiRoute:
     function: str  # logical id
     api: str  # logical id of the API
     iam_auth: bool
+    stage: str = "Prod"  # SAM's stage of the implicit API
+    # The API's model of the body when the route validates it (RequestModel with
+    # ValidateBody), and the API's BAD_REQUEST_BODY gateway response, if it has one.
+    body_schema: Mapping[str, Any] | None = None
+    bad_body_response: Mapping[str, Any] | None = None
 
 
 @dataclass
@@ -536,6 +541,17 @@ def _collect_rules_and_routes(stack: Stack) -> None:
                 api = api_id.get("Ref") if isinstance(api_id, dict) else str(api_id)
                 authorizer = (event_properties.get("Auth") or {}).get("Authorizer")
                 authorizer = authorizer or api_auth.get(api)
+                api_properties = _api_properties(stack, api)
+                model = event_properties.get("RequestModel") or {}
+                body_schema = None
+                if model.get("ValidateBody"):
+                    models = api_properties.get("Models") or {}
+                    if model.get("Model") not in models:
+                        raise TemplateError(
+                            f"{logical_id}.{event_id}: no model {model.get('Model')!r} in {api}"
+                        )
+                    body_schema = models[model["Model"]]
+                responses = api_properties.get("GatewayResponses") or {}
                 stack.routes.append(
                     ApiRoute(
                         method=str(event_properties["Method"]).upper(),
@@ -543,6 +559,9 @@ def _collect_rules_and_routes(stack: Stack) -> None:
                         function=logical_id,
                         api=api,
                         iam_auth=authorizer == "AWS_IAM",
+                        stage=str(api_properties.get("StageName", "Prod")),
+                        body_schema=body_schema,
+                        bad_body_response=responses.get("BAD_REQUEST_BODY"),
                     )
                 )
 
@@ -551,6 +570,14 @@ def _bus_name(value: Any) -> str:
     if not value:
         return "default"
     return str(value).rsplit("/", 1)[-1]
+
+
+def _api_properties(stack: Stack, api: str) -> dict[str, Any]:
+    """The resolved properties of an ``AWS::Serverless::Api`` (none for the implicit one)."""
+    if api == _IMPLICIT_API or api not in stack.template["Resources"]:
+        return {}
+    properties = stack.template["Resources"][api].get("Properties") or {}
+    return stack.resolver.resolve(properties)
 
 
 def _api_default_auth(stack: Stack) -> dict[str, str | None]:

@@ -67,6 +67,20 @@ def test_rest_api_rejects_a_bad_spec_with_reasons_and_starts_nothing(cloud, jobs
     assert _instances(cloud) == instances
 
 
+def test_rest_api_gateway_model_refuses_a_body_before_the_function(cloud, jobs):
+    executions, calls = _executions(cloud), len(cloud.pool.invocations)
+    # WHEN a spec without a name (the API's model requires one) is posted
+    response = cloud.submit({"spec_version": 2})
+    # THEN the gateway answers 400 with the reasons, in the API's error shape
+    assert response.status == 400, response.body
+    (error,) = response.body["errors"]
+    assert error["field"] == "body"
+    assert "name" in error["reason"] and "spec_version" in error["reason"]
+    # and neither the function nor an execution ran
+    assert len(cloud.pool.invocations) == calls
+    assert _executions(cloud) == executions
+
+
 def test_s3_job_file_submission_starts_the_job(cloud, jobs):
     # WHEN a job file is created under jobs/ in the bucket
     cloud.submit_file(job_spec("s3-submitted"), key="jobs/s3-submitted.json")

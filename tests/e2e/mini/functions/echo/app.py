@@ -27,6 +27,7 @@ def lambda_handler(event, context):
                     "resource": event["resource"],
                     "pathParameters": event["pathParameters"],
                     "caller": event["requestContext"]["identity"]["caller"],
+                    "stage": event["requestContext"]["stage"],
                     "body": event["body"],
                 }
             ),
