@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from spotrun_local.demo import DemoOptions, parse_pool, parse_schedule, run_demo
@@ -127,6 +128,9 @@ def _up(arguments: argparse.Namespace) -> int:
                 pass
         except KeyboardInterrupt:
             pass
+        finally:
+            # A later `submit` must not aim at a cloud that is gone.
+            STATE_FILE.unlink(missing_ok=True)
     return 0
 
 
@@ -154,9 +158,37 @@ def _submit(arguments: argparse.Namespace) -> int:
         aws_secret_access_key=FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
     )
     key = f"jobs/{arguments.file.name}"
-    s3.put_object(Bucket=info["bucket"], Key=key, Body=body)
+    put = s3.put_object(Bucket=info["bucket"], Key=key, Body=body)
     print(f"uploaded s3://{info['bucket']}/{key}")
-    return 0
+    # The S3 event reaches the submission function asynchronously: wait for its record.
+    from boto3.dynamodb.conditions import Attr
+
+    table = boto3.resource(
+        "dynamodb",
+        endpoint_url=info["endpoint_url"],
+        region_name=REGION,
+        aws_access_key_id=FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+    ).Table(info["outputs"]["JobsTableName"])
+    # The record's source names the object's version (the bucket is versioned), else
+    # its ETag (the event's, without quotes).
+    if put.get("VersionId"):
+        wanted = Attr("source.key").eq(key) & Attr("source.version_id").eq(put["VersionId"])
+    else:
+        wanted = Attr("source.key").eq(key) & Attr("source.etag").eq(put["ETag"].strip('"'))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        items = table.scan(FilterExpression=wanted).get("Items", [])
+        if items:
+            job = items[0]
+            print(
+                f"job {job['job_id']}: {job['status']}"
+                + (f": {job['reason']}" if job.get("reason") else "")
+            )
+            return 1 if job["status"] == "REJECTED" else 0
+        time.sleep(0.5)
+    print("no job record yet (the S3 event may still be on its way)")
+    return 1
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from spotrun_local.events import EventRouter
 from spotrun_local.executions import ExecutionWatcher
 from spotrun_local.instances import InstanceRunner
 from spotrun_local.lambdas import FunctionPool
-from spotrun_local.stepfunctions import StopExecutionFix
+from spotrun_local.stepfunctions import StopExecutionFix, TaskFailureCauseFix
 from spotrun_local.volumes import VolumeFolders
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,8 @@ class LocalCloud:
         self._stoppers.append(self.capacity.uninstall)
         self._stop_fix = StopExecutionFix().install()
         self._stoppers.append(self._stop_fix.uninstall)
+        self._cause_fix = TaskFailureCauseFix().install()
+        self._stoppers.append(self._cause_fix.uninstall)
         bootstrap = config.bootstrap if config.bootstrap.exists() else None
         if bootstrap is None:
             log.warning("%s is missing: instances will find no bootstrap", config.bootstrap)
@@ -254,8 +256,13 @@ class LocalCloud:
         return snapshot
 
     def download_model(self, job_id: str, destination: Path) -> Path:
+        """Fetch the model a succeeded job's record points to (its ``model_uri``)."""
+        uri = self.job(job_id).get("model_uri")
+        if not isinstance(uri, str) or not uri.startswith("s3://"):
+            raise RuntimeError(f"job {job_id} has no model in S3 (model_uri {uri!r})")
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
         destination.parent.mkdir(parents=True, exist_ok=True)
-        self.s3.download_file(self.bucket, f"models/{job_id}/model.pt", str(destination))
+        self.s3.download_file(bucket, key, str(destination))
         return destination
 
     def leaks(self, job_id: str | None = None) -> dict[str, list[str]]:

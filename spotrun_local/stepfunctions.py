@@ -1,4 +1,4 @@
-"""StopExecution as Step Functions does it, where moto's interpreter does not.
+"""StopExecution and SendTaskFailure as Step Functions does them, where moto does not.
 
 On AWS, ``StopExecution`` ends an execution ABORTED at once, also one that waits
 in a ``.waitForTaskToken`` task. moto's interpreter (a port of LocalStack's) sets
@@ -7,6 +7,12 @@ execution stays RUNNING until the heartbeat (or task) timeout fires, and that
 timeout then overwrites the stop, so the execution ends FAILED with
 ``States.Timeout`` — and a cancelled job looks failed. While installed, a stop
 also wakes the execution's waits, and a stopped execution keeps ABORTED.
+
+moto 5.2.5's ``SendTaskFailure`` handler passes on ``error`` but drops ``cause``
+(``moto/stepfunctions/responses.py`` reads only ``taskToken`` and ``error``). The
+cause carries the trainer's committed checkpoint step (docs/contracts.md), which
+the state machine records and which says which snapshot is newest, so
+:class:`TaskFailureCauseFix` passes it on.
 """
 
 from __future__ import annotations
@@ -63,3 +69,28 @@ def _wake_waiting_tasks(environment: Any) -> None:
     for endpoint in list(pool.values()):
         endpoint.interrupt_all()
     log.debug("stopped execution: woke %d waiting task(s)", len(pool))
+
+
+class TaskFailureCauseFix:
+    """Patches moto's ``SendTaskFailure`` response handler to pass the cause on."""
+
+    def install(self) -> TaskFailureCauseFix:
+        from moto.core.responses import EmptyResult
+        from moto.stepfunctions.responses import StepFunctionResponse
+
+        self._response_class = StepFunctionResponse
+        self._original = StepFunctionResponse.send_task_failure
+
+        def send_task_failure(response: Any) -> Any:
+            response.stepfunction_backend.send_task_failure(
+                response._get_param("taskToken"),
+                error=response._get_param("error"),
+                cause=response._get_param("cause"),
+            )
+            return EmptyResult()
+
+        StepFunctionResponse.send_task_failure = send_task_failure
+        return self
+
+    def uninstall(self) -> None:
+        self._response_class.send_task_failure = self._original

@@ -38,13 +38,12 @@ import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.response import StreamingBody
 from moto import mock_aws
-from moto.core.responses import EmptyResult
-from moto.stepfunctions.responses import StepFunctionResponse
 
 from spotrun import aws
 from spotrun.jobs import JobRecord, JobStore, derived_job_id
 from spotrun.spec import SpecDefaults, parse_spec
 from spotrun.status import JobStatus
+from spotrun_local.stepfunctions import TaskFailureCauseFix
 from spotrun_local.template import (
     Resolver,
     function_environment,
@@ -437,19 +436,6 @@ def start_cloud(monkeypatch: pytest.MonkeyPatch, *, zones: tuple[str, ...]) -> C
     return cloud
 
 
-def _send_task_failure_with_cause(self: StepFunctionResponse) -> EmptyResult:
-    """moto 5.2.5's SendTaskFailure handler drops ``cause``; this one passes it on.
-
-    The cause carries the committed checkpoint step (docs/contracts.md), so the
-    state machine tests need it. Upstream: moto/stepfunctions/responses.py
-    ``send_task_failure`` reads only ``taskToken`` and ``error``.
-    """
-    self.stepfunction_backend.send_task_failure(
-        self._get_param("taskToken"), error=self._get_param("error"), cause=self._get_param("cause")
-    )
-    return EmptyResult()
-
-
 FAKE_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -471,15 +457,16 @@ def cloud_session() -> Iterator[Cloud]:
             monkeypatch.setenv(name, value)
         monkeypatch.delenv("AWS_PROFILE", raising=False)
         monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-        monkeypatch.setattr(
-            StepFunctionResponse, "send_task_failure", _send_task_failure_with_cause
-        )
+        cause_fix = TaskFailureCauseFix().install()
         aws.reset()
-        with mock_aws(config=MOTO_CONFIG):
-            # mock_aws resets boto3's default session; it must exist before the hook.
-            boto3.setup_default_session(region_name=REGION)
-            yield start_cloud(monkeypatch, zones=("us-east-1a", "us-east-1b", "us-east-1c"))
-        aws.reset()
+        try:
+            with mock_aws(config=MOTO_CONFIG):
+                # mock_aws resets boto3's default session; it must exist before the hook.
+                boto3.setup_default_session(region_name=REGION)
+                yield start_cloud(monkeypatch, zones=("us-east-1a", "us-east-1b", "us-east-1c"))
+        finally:
+            cause_fix.uninstall()
+            aws.reset()
 
 
 # -- the fake trainer ------------------------------------------------------
