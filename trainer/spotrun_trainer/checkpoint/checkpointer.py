@@ -390,10 +390,12 @@ class Checkpointer:
             kept = [s for s in steps if s <= committed][-self.keep :]
             # Manifests go first: a crash midway leaves unreferenced chunks (collected
             # next time), never a manifest whose chunks are gone.
-            for s in steps:
-                if s not in kept:
-                    store.delete_manifest(s)
-                    sink.manifests.pop(s, None)
+            dropped = [s for s in steps if s not in kept]
+            for s in dropped:
+                store.delete_manifest(s)
+                sink.manifests.pop(s, None)
+            if dropped:
+                store.sync_deletions()
             referenced: set[str] = set()
             for s in kept:
                 manifest = sink.manifests.get(s)

@@ -35,6 +35,10 @@ class Store(ABC):
         """Make every chunk put so far durable (a no-op where puts are durable already)."""
         return None
 
+    def sync_deletions(self) -> None:
+        """Make manifest deletions durable before chunks go (a no-op where they are)."""
+        return None
+
     @abstractmethod
     def get_chunk(self, digest: str) -> bytes:
         """The stored bytes of a chunk; ChunkMissingError when absent."""

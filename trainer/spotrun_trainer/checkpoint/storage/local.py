@@ -208,6 +208,11 @@ class LocalStore(Store):
         with contextlib.suppress(FileNotFoundError):
             (self.root / manifest_key(step)).unlink()
 
+    def sync_deletions(self) -> None:
+        # Without this, a power loss could bring back a deleted manifest whose chunks
+        # retention has since removed.
+        _fsync_dir((self.root / manifest_key(0)).parent)
+
     def replace_pointer(self, data: bytes) -> None:
         self._write_file(self.root / "LATEST", [data])
 
