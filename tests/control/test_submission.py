@@ -385,3 +385,47 @@ def test_submit_job_default_instance_types_not_offered_are_dropped(
             ec2_client=ec2,
         )
     assert [e["field"] for e in caught.value.errors] == ["instance_types"]
+
+
+@pytest.mark.parametrize(
+    ("dataset_bucket", "dataset_uri", "mirror_uri", "bad_fields"),
+    [
+        (None, f"s3://{BUCKET_NAME}/datasets/corpus/", None, []),
+        (None, "s3://someone-elses/corpus/", None, ["dataset.s3_uri"]),
+        (None, f"s3://{BUCKET_NAME}/tickets/x/", None, ["dataset.s3_uri"]),
+        ("team-data", "s3://team-data/corpus/", None, []),
+        (None, None, f"s3://{BUCKET_NAME}/checkpoints/mine/", []),
+        (None, None, f"s3://{BUCKET_NAME}/models/mine/", ["checkpoint.s3_uri"]),
+        (None, "s3://elsewhere/d/", "s3://elsewhere/c/", ["dataset.s3_uri", "checkpoint.s3_uri"]),
+    ],
+)
+def test_submit_job_s3_locations_the_trainer_cannot_reach_are_field_errors(
+    settings, store, sfn, ec2, state_machine, dataset_bucket, dataset_uri, mirror_uri, bad_fields
+):
+    # GIVEN a deployment (maybe with a dataset bucket) and a spec naming S3 locations
+    deployment = dataclasses.replace(settings, dataset_bucket=dataset_bucket)
+    spec: dict = {"name": "s3-places"}
+    if dataset_uri:
+        spec["dataset"] = {"s3_uri": dataset_uri}
+    if mirror_uri:
+        spec["checkpoint"] = {"s3_uri": mirror_uri}
+
+    def submit() -> object:
+        return submit_job(
+            spec,
+            job_id=new_job_id(),
+            settings=deployment,
+            store=store,
+            sfn_client=sfn,
+            ec2_client=ec2,
+        )
+
+    # WHEN it is submitted
+    if not bad_fields:
+        assert submit().status is JobStatus.SUBMITTED
+        return
+    with pytest.raises(SpecError) as refused:
+        submit()
+    # THEN each location the trainer's role cannot reach is named, and nothing starts
+    assert [error["field"] for error in refused.value.errors] == bad_fields
+    assert executions(sfn, state_machine) == []

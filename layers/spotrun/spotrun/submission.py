@@ -32,15 +32,18 @@ class SubmissionSettings:
     state_machine_arn: str
     defaults: SpecDefaults = field(default_factory=SpecDefaults)
     jobs_bucket: str | None = None
+    dataset_bucket: str | None = None  # another bucket the trainer role may read
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> SubmissionSettings:
-        """From ``STATE_MACHINE_ARN``, ``JOBS_BUCKET`` and the spec defaults' variables."""
+        """From ``STATE_MACHINE_ARN``, ``JOBS_BUCKET``, ``DATASET_BUCKET`` and the spec
+        defaults' variables."""
         env = dict(os.environ if environ is None else environ)
         return cls(
             state_machine_arn=env["STATE_MACHINE_ARN"],
             defaults=SpecDefaults.from_env(env),
             jobs_bucket=env.get("JOBS_BUCKET") or None,
+            dataset_bucket=env.get("DATASET_BUCKET") or None,
         )
 
 
@@ -104,8 +107,9 @@ def submit_job(
             ec2_client=ec2_client,
             default_instance_types=spec.instance_types == list(settings.defaults.instance_types),
         )
-        if check.problems:
-            raise SpecError(check.problems)
+        problems = check.problems + check_s3_locations(spec, settings)
+        if problems:
+            raise SpecError(problems)
     except SpecError as exc:
         if not reject_invalid:
             raise
@@ -130,6 +134,42 @@ def submit_job(
     execution_arn = _start_execution(record, settings=settings, sfn_client=sfn_client)
     store.update(job_id, set={"execution_arn": execution_arn})
     return Submission(job_id, JobStatus.SUBMITTED, execution_arn, created=True)
+
+
+def check_s3_locations(spec: JobSpec, settings: SubmissionSettings) -> list[dict[str, str]]:
+    """S3 locations the trainer's role cannot reach, by field.
+
+    The trainer reads a dataset from ``datasets/`` in the jobs bucket or from the
+    deployment's dataset bucket, and writes its checkpoint mirror under ``checkpoints/`` in the jobs
+    bucket; anything else would fail on the instance, after capacity was paid for.
+    """
+    if settings.jobs_bucket is None:
+        return []  # no deployment to check against (a library caller)
+    problems = []
+    if spec.dataset is not None and spec.dataset.s3_uri is not None:
+        uri = spec.dataset.s3_uri
+        readable = [f"s3://{settings.jobs_bucket}/datasets/"]
+        if settings.dataset_bucket:
+            readable.append(f"s3://{settings.dataset_bucket}/")
+        if not any(uri.startswith(prefix) for prefix in readable):
+            problems.append(
+                {
+                    "field": "dataset.s3_uri",
+                    "reason": f"the trainer can read datasets only under {' or '.join(readable)}"
+                    " (the stack's DatasetBucket parameter adds a bucket)",
+                }
+            )
+    if spec.checkpoint.s3_uri is not None:
+        prefix = f"s3://{settings.jobs_bucket}/checkpoints/"
+        if not spec.checkpoint.s3_uri.startswith(prefix):
+            problems.append(
+                {
+                    "field": "checkpoint.s3_uri",
+                    "reason": f"the checkpoint mirror must be under {prefix} (the trainer "
+                    "may write nowhere else); leave it out for the job's own prefix there",
+                }
+            )
+    return problems
 
 
 @dataclass(frozen=True)
