@@ -89,3 +89,24 @@ def test_demo_runs_a_job_through_interruptions_and_writes_summary_and_plot(tmp_p
     assert (tmp_path / "demo" / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # and the live view told each interruption's time to safe and recovery
     assert shown.getvalue().count("safe in") == 2
+
+
+@pytest.mark.e2e
+def test_demo_that_runs_out_of_time_cancels_the_job_and_still_writes_its_summary(tmp_path):
+    # GIVEN a demo whose job cannot finish within the demo's time limit
+    options = DemoOptions(
+        steps=2000,
+        notice_seconds=NOTICE_SECONDS,
+        faults=[],
+        out=tmp_path / "demo",
+        timeout_seconds=8,
+    )
+    # WHEN it runs out of time
+    summary = run_demo(options, stream=io.StringIO())
+    # THEN the job was cancelled, nothing of it is left, and the files are there
+    assert summary["timed_out"] is True
+    assert summary["status"] == "CANCELLED"
+    assert summary["leaked"] == {"instances": [], "volumes": [], "processes": []}
+    assert summary["model_path"] is None
+    assert json.loads((tmp_path / "demo" / "summary.json").read_text()) == summary
+    assert (tmp_path / "demo" / "timeline.png").exists()
