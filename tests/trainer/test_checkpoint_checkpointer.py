@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import blake3
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from spotrun_trainer.checkpoint import Checkpointer, LocalStore
+from spotrun_trainer.checkpoint import checkpointer as checkpointer_module
 from spotrun_trainer.checkpoint.codec import HEADER_SIZE
 
 ALL_DTYPES = [
@@ -337,4 +339,33 @@ def test_checkpointer_restores_a_manifest_that_predates_the_hash_field(tmp_path)
         restored = ckpt.restore()
     # THEN its chunks verify as blake3 ones
     assert restored is not None and restored.skipped == []
+    assert torch.equal(restored.state["w"], state["w"])
+
+
+class _SlowVolume(LocalStore):
+    """A volume that takes chunks at 20 MB/s, like a throttled EBS volume."""
+
+    def put_chunk(self, digest, parts):
+        written = super().put_chunk(digest, parts)
+        time.sleep(written / 20e6)
+        return written
+
+
+def test_checkpointer_auto_codec_compresses_for_a_slow_volume(tmp_path, monkeypatch):
+    # GIVEN a volume far slower than compression, and saves big enough to measure it
+    monkeypatch.setattr(checkpointer_module, "ADAPT_MIN_BYTES", 1 << 20)
+    state = {"w": torch.randn(1 << 20) * 0.02}
+    with Checkpointer(_SlowVolume(tmp_path), chunk_bytes=1 << 20) as ckpt:
+        first = ckpt.save(1, state)
+        state["w"].add_(1e-3)
+        second = ckpt.save(2, state)
+        restored = ckpt.restore()
+    # THEN the first save, raw, showed the volume is slow; the next one compressed
+    manifests = {
+        step: json.loads((tmp_path / "manifests" / f"{step:012d}.json").read_text())
+        for step in (1, 2)
+    }
+    assert manifests[1]["codec"] == "raw" and manifests[2]["codec"] == "planes"
+    assert second.bytes_written < first.bytes_written
+    # and a restore reads the compressed chunks back exactly
     assert torch.equal(restored.state["w"], state["w"])
