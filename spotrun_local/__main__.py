@@ -150,26 +150,21 @@ def _submit(arguments: argparse.Namespace) -> int:
 
     from spotrun_local.aws import FAKE_CREDENTIALS, REGION
 
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=info["endpoint_url"],
+    session = boto3.Session(
         region_name=REGION,
         aws_access_key_id=FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
     )
+    s3 = session.client("s3", endpoint_url=info["endpoint_url"])
     key = f"jobs/{arguments.file.name}"
     put = s3.put_object(Bucket=info["bucket"], Key=key, Body=body)
     print(f"uploaded s3://{info['bucket']}/{key}")
     # The S3 event reaches the submission function asynchronously: wait for its record.
     from boto3.dynamodb.conditions import Attr
 
-    table = boto3.resource(
-        "dynamodb",
-        endpoint_url=info["endpoint_url"],
-        region_name=REGION,
-        aws_access_key_id=FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-    ).Table(info["outputs"]["JobsTableName"])
+    table = session.resource("dynamodb", endpoint_url=info["endpoint_url"]).Table(
+        info["outputs"]["JobsTableName"]
+    )
     # The record's source names the object's version (the bucket is versioned), else
     # its ETag (the event's, without quotes).
     if put.get("VersionId"):

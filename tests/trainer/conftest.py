@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from spotrun_local.stepfunctions import TaskFailureCauseFix
+
 REPO = Path(__file__).resolve().parents[2]
 TRAINER_DIR = REPO / "trainer"
 REGION = "us-east-1"
@@ -128,23 +130,6 @@ def fake_imds() -> Iterator[FakeIMDS]:
 # -- moto server and Step Functions tasks ---------------------------------------------
 
 
-def _keep_send_task_failure_cause() -> None:
-    """moto 5.2.5 drops ``cause`` from SendTaskFailure (its response handler passes only
-    ``error`` on); the contract's checkpoint step travels in the cause, so pass it."""
-    from moto.core.responses import EmptyResult
-    from moto.stepfunctions.responses import StepFunctionResponse
-
-    def send_task_failure(self: Any) -> Any:
-        self.stepfunction_backend.send_task_failure(
-            self._get_param("taskToken"),
-            error=self._get_param("error"),
-            cause=self._get_param("cause"),
-        )
-        return EmptyResult()
-
-    StepFunctionResponse.send_task_failure = send_task_failure
-
-
 def _configure_moto(url: str) -> None:
     config = {"stepfunctions": {"execute_state_machine": True}, "lambda": {"use_docker": False}}
     request = urllib.request.Request(
@@ -165,7 +150,8 @@ def moto_server() -> Iterator[str]:
     """
     from moto.server import ThreadedMotoServer
 
-    _keep_send_task_failure_cause()
+    # moto drops SendTaskFailure's cause, which carries the contract's checkpoint step.
+    cause_fix = TaskFailureCauseFix().install()
     # The server logs every request, and the ASL interpreter every failed task at ERROR.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     logging.getLogger("moto.stepfunctions").setLevel(logging.CRITICAL)
@@ -180,6 +166,7 @@ def moto_server() -> Iterator[str]:
     _configure_moto(url)
     yield url
     server.stop()
+    cause_fix.uninstall()
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
