@@ -172,7 +172,13 @@ def _statements() -> list[tuple[str, dict[str, Any]]]:
         for policy in policies:
             document = policy.get("PolicyDocument", policy) if isinstance(policy, dict) else {}
             for statement in document.get("Statement", []):
-                found.append((logical_id, statement))
+                # a conditional statement (Fn::If): check every branch that is one
+                branches = statement.get("Fn::If", [None])[1:] or [statement]
+                found.extend(
+                    (logical_id, branch)
+                    for branch in branches
+                    if isinstance(branch, dict) and "Effect" in branch
+                )
     return found
 
 

@@ -140,8 +140,9 @@ def check_s3_locations(spec: JobSpec, settings: SubmissionSettings) -> list[dict
     """S3 locations the trainer's role cannot reach, by field.
 
     The trainer reads a dataset from ``datasets/`` in the jobs bucket or from the
-    deployment's dataset bucket, and writes its checkpoint mirror under ``checkpoints/`` in the jobs
-    bucket; anything else would fail on the instance, after capacity was paid for.
+    deployment's dataset bucket, and writes its checkpoint mirror under
+    ``checkpoints/`` in the jobs bucket; anything else would fail on the instance,
+    after capacity was paid for.
     """
     if settings.jobs_bucket is None:
         return []  # no deployment to check against (a library caller)
