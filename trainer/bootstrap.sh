@@ -129,6 +129,19 @@ def prefix(ticket, out, root):
     return 0
 
 
+def attached(volume_id, instance_id):
+    # Folder mode stands in for a block device; EC2 must still say it is attached here,
+    # as a real device would only appear if it were.
+    (volume,) = client("ec2").describe_volumes(VolumeIds=[volume_id])["Volumes"]
+    here = [a for a in volume.get("Attachments", []) if a.get("InstanceId") == instance_id]
+    if not here or here[0].get("State") not in ("attaching", "attached"):
+        elsewhere = [a.get("InstanceId") for a in volume.get("Attachments", [])]
+        print(f"{volume_id} is not attached to {instance_id} (attachments: {elsewhere})",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def field(ticket, name):
     value = json.load(open(ticket)).get(name)
     print(value if isinstance(value, str) else json.dumps(value))
@@ -168,7 +181,8 @@ def report_failure(ticket, error):
 
 
 commands = {"fetch-ticket": fetch_ticket, "volumes": volumes, "prefix": prefix,
-            "field": field, "ecr-password": ecr_password, "report-failure": report_failure}
+            "field": field, "ecr-password": ecr_password, "report-failure": report_failure,
+            "attached": attached}
 sys.exit(commands[sys.argv[1]](*sys.argv[2:]))
 PYTHON
 
@@ -242,6 +256,8 @@ link_volume() {  # folder mode: the local cloud's volumes are folders
   local role="$1" volume_id="$2" target="$MOUNT_ROOT$4"
   local source="$SPOTRUN_VOLUME_ROOT/$volume_id"
   [[ -d "$source" ]] || die "$role volume $volume_id is not attached (no folder $source)"
+  "$PY" "$HELPER" attached "$volume_id" "$instance_id" ||
+    die "$role volume $volume_id is not attached to $instance_id"
   mkdir -p "$(dirname "$target")"
   if [[ -L "$target" ]]; then
     rm "$target"

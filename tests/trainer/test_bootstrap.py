@@ -43,27 +43,48 @@ RECORDING_TRAINER = textwrap.dedent(
 
 
 class Instance:
-    """One simulated instance: its volume folders, mount root and bootstrap env."""
+    """One simulated instance: in moto with its attached volumes, their folders, its
+    mount root and bootstrap env."""
 
-    def __init__(self, tmp_path: Path, moto_server: str, imds_url: str, env: dict[str, str]):
+    def __init__(self, tmp_path: Path, moto_server: str, imds: Any, env: dict[str, str]):
         self.bucket = f"jobs-{uuid.uuid4().hex[:10]}"
         self.s3 = boto3.client("s3", region_name="us-east-1", endpoint_url=moto_server)
         self.s3.create_bucket(Bucket=self.bucket)
+        self.ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=moto_server)
+        image = self.ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+        imds.instance_id = self.instance_id = self.ec2.run_instances(
+            ImageId=image, MinCount=1, MaxCount=1, InstanceType="t3.micro"
+        )["Instances"][0]["InstanceId"]
         self.volume_root = tmp_path / "volumes"
         self.mount_root = tmp_path / "instance"
-        (self.volume_root / "vol-0ckpt").mkdir(parents=True)
-        (self.volume_root / "vol-0data").mkdir(parents=True)
-        (self.volume_root / "vol-0data" / "corpus.txt").write_text("to be or not to be")
+        self.checkpoint_volume = self.volume("/dev/sdf")
+        self.data_volume = self.volume("/dev/sdg")
+        (self.volume_root / self.data_volume / "corpus.txt").write_text("to be or not to be")
         self.env = {
             **env,
             "SPOTRUN_BUCKET": self.bucket,
-            "SPOTRUN_IMDS_ENDPOINT": imds_url,
+            "SPOTRUN_IMDS_ENDPOINT": imds.url,
             "SPOTRUN_VOLUME_ROOT": str(self.volume_root),
             "SPOTRUN_MOUNT_ROOT": str(self.mount_root),
             "SPOTRUN_RUNNER": "process",
             "SPOTRUN_TICKET_TIMEOUT_SECONDS": "30",
             "SPOTRUN_TICKET_POLL_SECONDS": "0.2",
         }
+
+    def volume(self, device: str | None) -> str:
+        """A volume in moto with its folder, attached here at ``device`` (None: not)."""
+        zone = self.ec2.describe_instances(InstanceIds=[self.instance_id])["Reservations"][0][
+            "Instances"
+        ][0]["Placement"]["AvailabilityZone"]
+        volume_id = self.ec2.create_volume(AvailabilityZone=zone, Size=1)["VolumeId"]
+        if device is not None:
+            self.ec2.attach_volume(VolumeId=volume_id, InstanceId=self.instance_id, Device=device)
+        (self.volume_root / volume_id).mkdir(parents=True)
+        return volume_id
+
+    def volumes(self, **overrides: str) -> list[dict[str, Any]]:
+        ids = {"checkpoint": self.checkpoint_volume, "data": self.data_volume, **overrides}
+        return _volumes(checkpoint=ids["checkpoint"], data=ids["data"])
 
     def put_ticket(self, instance_id: str, ticket: dict[str, Any], delay: float = 0.0) -> None:
         def put() -> None:
@@ -86,7 +107,7 @@ class Instance:
         )
 
 
-def _volumes(checkpoint: str = "vol-0ckpt", data: str = "vol-0data") -> list[dict[str, Any]]:
+def _volumes(checkpoint: str, data: str) -> list[dict[str, Any]]:
     return [
         {"role": "checkpoint", "volume_id": checkpoint, "device": "/dev/sdf",
          "mount_point": "/mnt/spotrun/checkpoint", "format_if_empty": True, "read_only": False},
@@ -110,7 +131,7 @@ def _ticket(make_ticket, token: str, command: list[str], volumes: list[dict[str,
 
 @pytest.fixture
 def instance(tmp_path, moto_server, fake_imds, trainer_env) -> Instance:
-    return Instance(tmp_path, moto_server, fake_imds.url, trainer_env)
+    return Instance(tmp_path, moto_server, fake_imds, trainer_env)
 
 
 def test_bootstrap_links_volumes_rewrites_the_ticket_and_runs_the_trainer(
@@ -120,14 +141,16 @@ def test_bootstrap_links_volumes_rewrites_the_ticket_and_runs_the_trainer(
     task = sfn_tasks.start()
     command = [sys.executable, "-c", RECORDING_TRAINER]
     instance.put_ticket(
-        fake_imds.instance_id, _ticket(make_ticket, task.token, command, _volumes()), delay=1.0
+        fake_imds.instance_id,
+        _ticket(make_ticket, task.token, command, instance.volumes()),
+        delay=1.0,
     )
     # WHEN the bootstrap runs
     result = instance.bootstrap()
     # THEN the trainer ran with prefixed mount points, linked volumes and the env
     assert result.returncode == 0, result.stderr
     root = str(instance.mount_root)
-    seen = json.loads((instance.volume_root / "vol-0ckpt" / "seen.json").read_text())
+    seen = json.loads((instance.volume_root / instance.checkpoint_volume / "seen.json").read_text())
     assert seen["checkpoint_dir"] == f"{root}/mnt/spotrun/checkpoint"
     assert seen["mount_points"] == [f"{root}/mnt/spotrun/checkpoint", f"{root}/mnt/spotrun/data"]
     assert seen["dataset"] == f"{root}/mnt/spotrun/data"
@@ -150,7 +173,7 @@ def test_bootstrap_missing_volume_reports_trainer_failed(
 ):
     # GIVEN a ticket naming a data volume that is not attached
     task = sfn_tasks.start()
-    volumes = _volumes(data="vol-0missing")
+    volumes = instance.volumes(data="vol-0missing")
     instance.put_ticket(fake_imds.instance_id, _ticket(make_ticket, task.token, ["true"], volumes))
     # WHEN the bootstrap runs
     result = instance.bootstrap()
@@ -163,6 +186,24 @@ def test_bootstrap_missing_volume_reports_trainer_failed(
     assert "vol-0missing" in cause["error"]
 
 
+def test_bootstrap_volume_that_ec2_has_not_attached_here_reports_trainer_failed(
+    instance, fake_imds, sfn_tasks, make_ticket
+):
+    # GIVEN a data volume whose folder exists but which EC2 never attached to this
+    # instance (on AWS its device would not appear)
+    task = sfn_tasks.start()
+    loose = instance.volume(device=None)
+    volumes = instance.volumes(data=loose)
+    instance.put_ticket(fake_imds.instance_id, _ticket(make_ticket, task.token, ["true"], volumes))
+    # WHEN the bootstrap runs
+    result = instance.bootstrap()
+    # THEN it refuses to use it, and the task fails with Trainer.Failed naming it
+    assert result.returncode != 0
+    execution = task.result()
+    assert execution["error"] == "Trainer.Failed"
+    assert f"{loose} is not attached" in json.loads(execution["cause"])["error"]
+
+
 def test_bootstrap_trainer_that_dies_silently_is_reported_by_the_runner(
     instance, fake_imds, sfn_tasks, make_ticket
 ):
@@ -170,7 +211,7 @@ def test_bootstrap_trainer_that_dies_silently_is_reported_by_the_runner(
     task = sfn_tasks.start()
     command = [sys.executable, "-c", "import sys; print('oops', file=sys.stderr); sys.exit(3)"]
     instance.put_ticket(
-        fake_imds.instance_id, _ticket(make_ticket, task.token, command, _volumes())
+        fake_imds.instance_id, _ticket(make_ticket, task.token, command, instance.volumes())
     )
     # WHEN the bootstrap runs it
     result = instance.bootstrap()
