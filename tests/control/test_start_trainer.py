@@ -60,6 +60,7 @@ def test_start_trainer_writes_the_ticket_of_the_contract(
             "interval": {"steps": 50},
             "keep": 3,
             "expected_interruption_seconds": 3600,
+            "interruptions_seen": 0,
         },
         "output": {"model_uri": f"s3://{BUCKET_NAME}/models/{JOB_ID}/model.pt"},
         "heartbeat_seconds": 100,

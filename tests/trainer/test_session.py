@@ -215,3 +215,20 @@ def test_session_script_that_forgets_complete_is_a_failure(tmp_path, capsys):
         session.restore(model=torch.nn.Linear(4, 2))
     report = next(x for x in _lines(capsys) if x["event"] == "report")
     assert report["outcome"] == "Trainer.Failed"
+
+
+@pytest.mark.parametrize(("told", "expected"), [(1, 1), (None, 3)])
+def test_session_auto_interval_counts_the_interruptions_the_ticket_names(tmp_path, told, expected):
+    # GIVEN a fourth attempt whose earlier ones were one spot interruption and two
+    # restarts after Trainer.Failed (or a ticket that does not say)
+    base = Ticket.standalone(tmp_path / "ckpt")
+    ticket = dataclasses.replace(
+        base,
+        attempt=4,
+        checkpoint=dataclasses.replace(base.checkpoint, interruptions_seen=told),
+    )
+    session = Session(ticket, watcher=InterruptionWatcher(None))
+    # THEN Young/Daly estimates the time between interruptions from the interruptions
+    # only; without the count it falls back to every earlier attempt
+    assert session.policy.interruptions_seen == expected
+    session.checkpointer.close()

@@ -140,7 +140,11 @@ class Session:
             self._policy = make_policy(
                 settings.interval,
                 expected_interruption_seconds=settings.expected_interruption_seconds,
-                interruptions_seen=self.ticket.attempt - 1,
+                interruptions_seen=(
+                    settings.interruptions_seen
+                    if settings.interruptions_seen is not None
+                    else self.ticket.attempt - 1
+                ),
                 elapsed_seconds=self._elapsed_before,
             )
         return self._policy

@@ -46,6 +46,7 @@ class CheckpointSettings:
     interval: Interval
     keep: int
     expected_interruption_seconds: float
+    interruptions_seen: int | None = None  # None: not told (an older control plane)
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,7 @@ def parse_ticket(data: Any) -> Ticket:
             expected_interruption_seconds=checkpoint.number(
                 "expected_interruption_seconds", positive=True
             ),
+            interruptions_seen=checkpoint.integer("interruptions_seen", minimum=0, optional=True),
         ),
         model_uri=output.text("model_uri"),
         heartbeat_seconds=root.number("heartbeat_seconds", positive=True),

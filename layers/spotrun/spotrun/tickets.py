@@ -99,6 +99,9 @@ def build_ticket(
             "interval": spec.checkpoint.interval,
             "keep": spec.checkpoint.keep,
             "expected_interruption_seconds": spec.checkpoint.expected_interruption_seconds,
+            # spot interruptions so far, for the "auto" interval's estimate of the time
+            # between them (restarts after Trainer.Failed are not interruptions)
+            "interruptions_seen": record.interruptions,
         },
         "output": {"model_uri": model_uri(record.job_id, bucket)},
         "heartbeat_seconds": heartbeat_interval(heartbeat_timeout_seconds),
