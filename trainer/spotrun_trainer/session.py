@@ -369,7 +369,7 @@ class Session:
         self._wait_inflight()
         if self.committed_step != step:
             try:
-                self._committed(self.checkpointer.save(step, self._state(step), mirror=False))
+                self._committed(self.checkpointer.save(step, self._state(step)))
             except Exception:
                 # The job can still resume from the previous checkpoint: say so.
                 log.exception("saving step %d on the notice failed", step)

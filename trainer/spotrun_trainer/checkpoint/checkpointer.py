@@ -213,10 +213,9 @@ class Checkpointer:
 
     # saving -------------------------------------------------------------------------
 
-    def save(self, step: int, state: Mapping[Any, Any], *, mirror: bool = True) -> CommitInfo:
+    def save(self, step: int, state: Mapping[Any, Any]) -> CommitInfo:
         """Save synchronously; returns once the checkpoint is durable on every sink
-        (on the primary alone with ``mirror=False``: the CommitInfo then says so in
-        ``mirror_error``)."""
+        (on the primary alone after :meth:`hurry`: ``mirror_error`` then says so)."""
         start = time.perf_counter()
         with self._api_lock:
             self._check_open()
@@ -224,9 +223,7 @@ class Checkpointer:
             tensors, tree = flatten(state)
             # The caller is blocked until the end, so its own memory is written directly.
             staged, aliases = self._staging.stage(tensors, copy=False)
-            return self._write(
-                step, staged, aliases, tree, tensors, start, stall=None, mirror=mirror
-            )
+            return self._write(step, staged, aliases, tree, tensors, start, stall=None)
 
     def hurry(self) -> None:
         """Put the primary first from now on: mirror uploads stop (the in-flight save's
@@ -280,7 +277,6 @@ class Checkpointer:
         originals: dict[str, torch.Tensor],
         start: float,
         stall: float | None,
-        mirror: bool = True,
     ) -> CommitInfo:
         try:
             plan = plan_chunks(
@@ -294,7 +290,7 @@ class Checkpointer:
             committed: list[str] = []
             mirror_error = None
             for i, sink in enumerate(self._sinks):
-                if i > 0 and (not mirror or self._hurry.is_set()):
+                if i > 0 and self._hurry.is_set():
                     mirror_error = "not mirrored: the primary commit came first (spot notice)"
                     continue
                 try:
